@@ -1,0 +1,238 @@
+"""`MUSEHead`: the multi-scale Mamba head of MUSE (Tang et al., AAAI 2025), and video pooling.
+
+Shape letters: B = videos, T = frames per video, H x W = patch grid, C = channels,
+L = mixer sequence length.
+
+    tokens (B, T, 1+H*W, C)  --split-->  CLS (B, T, C),  patch map (B*T, C, H, W)
+    patch map --FeaturePyramid--> levels [(B*T, C, h_s, w_s)]
+    CLS + levels --ScaleAggregator--> sequence (B, L, C) + mask + CLS positions
+    sequence --ResMambaBlock x depth--> read the CLS positions --> (B, T, C)
+
+The output is a new feature per frame; `pool_video` turns them into one normalised video embedding.
+Tests: `tests/test_head.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ._validate import check_frame_mask, check_tensor, infer_grid
+from .aggregate import ScaleAggregator, levels_to_tokens
+from .block import ResMambaBlock
+from .config import MUSEConfig
+from .ops import conv_backend, scan_backend
+from .pyramid import FeaturePyramid
+
+__all__ = ["MUSEHead", "pool_video"]
+
+logger = logging.getLogger(__name__)
+
+
+class MUSEHead(nn.Module):
+    """Feature pyramid + scale-wise aggregation + ResMamba blocks over CLIP's last-layer tokens.
+
+    Args:
+        dim: token width C (512 for CLIP ViT-B, 768 for ViT-L).
+        scales: pyramid scale factors from (0.25, 0.5, 1.0, 2.0, 4.0), in sequence order.
+        depth: number of ResMamba blocks.
+        aggregation: "scale_wise" (paper), "frame_wise" or "spatial_wise".
+        mixer: "bimamba" (paper), "mamba" or "attention".
+        d_state, d_conv, expand, dt_rank: Mamba hyper-parameters.
+        dropout: dropout of the last block; block i gets dropout * i / (depth - 1).
+        num_heads: heads of the attention mixer.
+        trainable_pyramid: False freezes the pyramid (still saved), as the public release did by accident.
+        grid: `(H, W)` of the patch grid when it is not square; None infers a square grid.
+        scan_backend, conv_backend: force a kernel backend (see `muse_pyramid.ops`); None = automatic.
+    """
+
+    def __init__(
+        self,
+        dim: int = 512,
+        *,
+        scales: Sequence[float] = (0.5, 1.0, 2.0),
+        depth: int = 4,
+        aggregation: str = "scale_wise",
+        mixer: str = "bimamba",
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 1,
+        dt_rank: Union[int, str] = "auto",
+        dropout: float = 0.1,
+        num_heads: int = 8,
+        trainable_pyramid: bool = True,
+        grid: Optional[Tuple[int, int]] = None,
+        scan_backend: Optional[str] = None,
+        conv_backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self._config = MUSEConfig(
+            dim=dim, scales=tuple(scales), depth=depth, aggregation=aggregation, mixer=mixer,
+            d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dropout=dropout,
+            num_heads=num_heads, trainable_pyramid=trainable_pyramid, grid=grid,
+        )
+        self.dim = dim
+        self.grid = self._config.grid
+        self.pyramid = FeaturePyramid(dim, scales)
+        self.aggregator = ScaleAggregator(aggregation)
+        rates = torch.linspace(0.0, dropout, depth).tolist() if depth > 1 else [dropout]
+        self.blocks = nn.ModuleList(
+            [
+                ResMambaBlock(
+                    dim, mixer=mixer, dropout=p, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
+                    num_heads=num_heads, scan_backend=scan_backend, conv_backend=conv_backend,
+                )
+                for p in rates
+            ]
+        )
+        self.pyramid.requires_grad_(trainable_pyramid)
+        self.grad_checkpointing = False
+        self._backend_logged = False
+
+    # ------------------------------------------------------------------ config
+    @property
+    def config(self) -> MUSEConfig:
+        """The `MUSEConfig` this head was built from (`config.to_dict()` goes into checkpoints)."""
+        return self._config
+
+    @classmethod
+    def from_config(cls, config: Union[MUSEConfig, Mapping[str, Any]], **overrides: Any) -> MUSEHead:
+        """Build a head from a `MUSEConfig` or its dict form; `overrides` are extra constructor kwargs."""
+        cfg = config if isinstance(config, MUSEConfig) else MUSEConfig.from_dict(config)
+        kwargs = cfg.to_dict()
+        dim = kwargs.pop("dim")
+        kwargs["grid"] = tuple(kwargs["grid"]) if kwargs["grid"] is not None else None
+        return cls(dim, **{**kwargs, **overrides})
+
+    # ------------------------------------------------------------ optimisation
+    def no_weight_decay(self) -> set:
+        """Names (relative to this head) of parameters that take no weight decay.
+
+        Biases, norm weights and every other 1-D parameter, plus Mamba's `A_log`/`D` (and `_b` twins).
+        """
+        return {
+            name for name, p in self.named_parameters()
+            if p.ndim <= 1 or getattr(p, "_no_weight_decay", False)
+        }
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[Dict[str, Any]]:
+        """Optimizer parameter groups: decayed weights, and the `no_weight_decay()` set at decay 0.
+
+        Only parameters that require a gradient are included. Give the head its own `lr` (the paper
+        uses 10x the base learning rate).
+        """
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if name in skip else decay).append(p)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    # ------------------------------------------------------------------ forward
+    def sequence_length(self, frames: int, grid: Tuple[int, int]) -> int:
+        """Mixer sequence length L for `frames` frames of an `(H, W)` patch grid."""
+        sizes = self.pyramid.output_sizes(*grid)
+        return self.aggregator.sequence_length(frames, [h * w for h, w in sizes])
+
+    def forward_features(
+        self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """Pyramid, aggregation and blocks.
+
+        Args:
+            tokens: `(B, T, 1+H*W, C)` CLS + row-major patch tokens of every frame.
+            frame_mask: `(B, T)`, 1 on real frames; None = all real.
+
+        Returns:
+            mixed sequence `(B, L, C)`, its mask `(B, L)` or None, CLS positions `(B, T)`.
+        """
+        check_tensor("tokens", tokens, 4, "(B, T, 1+H*W, C)")
+        b, t, p, c = tokens.shape
+        if c != self.dim:
+            raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
+        h, w = infer_grid(p - 1, self.grid)
+        mask = check_frame_mask(frame_mask, b, t)
+        self._log_backend(tokens)
+
+        cls = tokens[:, :, 0]
+        patch_map = rearrange(tokens[:, :, 1:], "b t (h w) c -> (b t) c h w", h=h, w=w)
+        levels = levels_to_tokens(self.pyramid(patch_map), b)
+        seq, seq_mask, cls_index = self.aggregator(cls, levels, mask)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, seq_mask, use_reentrant=False)
+            else:
+                seq = block(seq, seq_mask)
+        return seq, seq_mask, cls_index
+
+    def forward_head(self, seq: torch.Tensor, cls_index: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Read the CLS positions out: seq `(B, L, C)`, cls_index `(B, T)` -> `(B, T, C)`, zeros on padding."""
+        out = seq.gather(1, cls_index[..., None].expand(-1, -1, seq.shape[-1]))
+        if frame_mask is not None:
+            out = torch.where(frame_mask.bool()[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        return out
+
+    def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """New per-frame features.
+
+        Args:
+            tokens: `(B, T, 1+H*W, C)` last-layer CLIP tokens (after ln_post and the visual projection).
+            frame_mask: `(B, T)`, 1 on real frames, 0 on padding; None = all real.
+
+        Returns:
+            `(B, T, C)` features at the CLS positions; padded frames are zero.
+        """
+        seq, _, cls_index = self.forward_features(tokens, frame_mask)
+        return self.forward_head(seq, cls_index, frame_mask)
+
+    def _log_backend(self, tokens: torch.Tensor) -> None:
+        if self._backend_logged:
+            return
+        self._backend_logged = True
+        mixer = self._config.mixer
+        if mixer == "attention":
+            logger.info("MUSEHead: attention mixer (scaled_dot_product_attention) on %s", tokens.device)
+        else:
+            logger.info(
+                "MUSEHead: %s mixer on %s, selective scan backend %r, causal conv backend %r",
+                mixer, tokens.device, scan_backend(tokens), conv_backend(tokens),
+            )
+
+    def extra_repr(self) -> str:
+        cfg = self._config
+        return f"dim={cfg.dim}, depth={cfg.depth}, aggregation={cfg.aggregation!r}, mixer={cfg.mixer!r}"
+
+
+def pool_video(frame_features: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Normalised video embedding: per-frame L2 norm, mean over real frames, L2 norm.
+
+    Args:
+        frame_features: `(B, T, C)` per-frame features (e.g. `MUSEHead` output).
+        frame_mask: `(B, T)`, 1 on real frames; None = all real.
+
+    Returns:
+        `(B, C)` unit-norm video embeddings.
+    """
+    check_tensor("frame_features", frame_features, 3, "(B, T, C)")
+    b, t, _ = frame_features.shape
+    mask = check_frame_mask(frame_mask, b, t)
+    x = F.normalize(frame_features, dim=-1)
+    if mask is None:
+        return F.normalize(x.mean(dim=1), dim=-1)
+    w = mask.to(x.dtype)[..., None]
+    x = torch.where(w > 0, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return F.normalize(x.sum(dim=1) / w.sum(dim=1), dim=-1)

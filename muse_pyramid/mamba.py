@@ -1,0 +1,188 @@
+"""Bidirectional Mamba in the Vision Mamba (Vim) "v2" layout, as MUSE uses it (Sec. 3.3).
+
+Shape letters: B = batch, L = sequence length, C = d_model, D = d_inner = expand * C,
+N = d_state, R = dt_rank.
+
+Parameter names follow Vim's `bimamba_type="v2"` so the public release's checkpoints load by name:
+shared `in_proj` (C -> 2D, no bias) and `out_proj` (D -> C, no bias); per direction `A_log (D, N)`,
+`D (D,)`, `conv1d` (depthwise, width d_conv), `x_proj (D -> R + 2N)`, `dt_proj (R -> D)`; the backward
+set carries a `_b` suffix. Each direction computes, on its own copy of `x, z = split(in_proj(u))`:
+
+    x     = SiLU(causal_conv1d(x))
+    dt, B, C = split(x_proj(x))
+    delta = softplus(dt_proj(dt))
+    y     = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
+
+The backward direction runs on the time-reversed `xz`; the output is `out_proj(y_fwd + flip(y_bwd))`.
+
+Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the conv input and
+delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
+scan state passes through the padding unchanged, and a real token never sees a padded one in either
+direction. Tests: `tests/test_mamba.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ._validate import check_tensor
+from .ops import causal_conv1d, selective_scan
+
+__all__ = ["BiMamba"]
+
+
+class BiMamba(nn.Module):
+    """Mamba with optional bidirectional scanning (Vim "v2" layout and names).
+
+    Args:
+        d_model: token width C.
+        d_state: SSM state size N.
+        d_conv: width of the causal depthwise convolution.
+        expand: d_inner = expand * d_model.
+        dt_rank: rank R of the delta projection; "auto" = ceil(d_model / 16).
+        dt_min, dt_max: range of the initial delta (log-uniform), Mamba's defaults.
+        dt_init_floor: lower clamp of the initial delta.
+        bidirectional: False gives plain (forward-only) Mamba; no backward parameters are created.
+        scan_backend, conv_backend: force a kernel backend (see `muse_pyramid.ops`); None = automatic.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 1,
+        dt_rank: Union[int, str] = "auto",
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        bidirectional: bool = True,
+        scan_backend: Optional[str] = None,
+        conv_backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv), ("expand", expand)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank <= 0):
+            raise ValueError(f"dt_rank must be 'auto' or a positive int, got {dt_rank!r}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = expand * d_model
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
+        self.bidirectional = bidirectional
+        self.scan_backend = scan_backend
+        self.conv_backend = conv_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        suffixes = ("", "_b") if bidirectional else ("",)
+        for s in suffixes:
+            self.register_parameter(f"A_log{s}", nn.Parameter(torch.empty(self.d_inner, d_state)))
+            self.register_parameter(f"D{s}", nn.Parameter(torch.empty(self.d_inner)))
+            self.add_module(
+                f"conv1d{s}",
+                nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, padding=d_conv - 1, bias=True),
+            )
+            self.add_module(f"x_proj{s}", nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False))
+            self.add_module(f"dt_proj{s}", nn.Linear(self.dt_rank, self.d_inner, bias=True))
+        self.reset_parameters()
+
+    @property
+    def _suffixes(self) -> tuple:
+        return ("", "_b") if self.bidirectional else ("",)
+
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation (mamba_simple.py), for both directions.
+
+        dt_proj: weight U(-R^-1/2, R^-1/2); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        (so softplus(bias) starts in that range). A_log = log(1..N) per channel (S4D-real), D = 1; both
+        are tagged `_no_weight_decay`. Projections and convs keep PyTorch's default init.
+        """
+        self.in_proj.reset_parameters()
+        self.out_proj.reset_parameters()
+        for s in self._suffixes:
+            getattr(self, f"conv1d{s}").reset_parameters()
+            getattr(self, f"x_proj{s}").reset_parameters()
+            dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
+            std = self.dt_rank**-0.5
+            with torch.no_grad():
+                nn.init.uniform_(dt_proj.weight, -std, std)
+                dt = torch.exp(
+                    torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
+                    + math.log(self.dt_min)
+                ).clamp(min=self.dt_init_floor)
+                dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+                a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+                getattr(self, f"A_log{s}").copy_(torch.log(a))
+                getattr(self, f"D{s}").fill_(1.0)
+            getattr(self, f"A_log{s}")._no_weight_decay = True
+            getattr(self, f"D{s}")._no_weight_decay = True
+
+    def no_weight_decay(self) -> set:
+        """Names of the parameters that carry no weight decay (A_log, D and their backward twins)."""
+        return {f"{p}{s}" for s in self._suffixes for p in ("A_log", "D")}
+
+    def _direction(self, xz: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
+        """One scan direction. xz: `(B, 2D, L)`; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`."""
+        x, z = xz.chunk(2, dim=1)
+        if mask is not None:
+            x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        conv: nn.Conv1d = getattr(self, f"conv1d{s}")
+        x = causal_conv1d(
+            x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
+        )
+        x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
+        delta = rearrange(dt @ dt_proj.weight.t(), "b l d -> b d l")
+        b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
+        c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
+        a = -torch.exp(getattr(self, f"A_log{s}").float())
+        d_skip = getattr(self, f"D{s}").float()
+        if mask is None:  # bias and softplus fused into the scan
+            return selective_scan(
+                x, delta, a, b_ssm, c_ssm, d_skip, z=z, delta_bias=dt_proj.bias.float(),
+                delta_softplus=True, backend=self.scan_backend,
+            )
+        delta = F.softplus(delta.float() + dt_proj.bias.float()[:, None])
+        delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+        return selective_scan(x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, backend=self.scan_backend)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mix a sequence.
+
+        Args:
+            x: `(B, L, C)` tokens.
+            mask: `(B, L)` bool, True on real tokens, which must come before the padding; None = all real.
+
+        Returns:
+            `(B, L, C)`; rows at padded positions are defined but meaningless.
+        """
+        check_tensor("x", x, 3, "(B, L, C)")
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, L, C) with C = {self.d_model}, got {tuple(x.shape)}")
+        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        xz = rearrange(self.in_proj(x), "b l d -> b d l")
+        m = None if mask is None else mask.bool()[:, None, :]
+        y = self._direction(xz, m, "")
+        if self.bidirectional:
+            y_b = self._direction(xz.flip(-1), None if m is None else m.flip(-1), "_b")
+            y = y + y_b.flip(-1)
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, d_state={self.d_state}, d_conv={self.d_conv}, expand={self.expand}, "
+            f"dt_rank={self.dt_rank}, bidirectional={self.bidirectional}"
+        )
