@@ -1,0 +1,243 @@
+"""Samples, frame settings and the torch Dataset shared by the three benchmarks.
+
+A data set module (``msrvtt``, ``didemo``, ``activitynet``) turns the benchmark files into
+a list of ``Sample`` (``load_split``) and a ``SplitReport`` of what matched on disk
+(``scan``); ``RetrievalDataset`` turns samples into tensors. Tests:
+``tests/examples/test_data_base.py`` and the per-format ``test_data_*.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..video import VideoDecodeError, load_frames, probe_video
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "FrameConfig",
+    "RetrievalDataset",
+    "Sample",
+    "SplitReport",
+    "group_by_video",
+    "list_video_files",
+]
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One (text, video clip) pair.
+
+    ``start`` / ``end`` are clip bounds in seconds (``None`` = whole video; the decoder casts
+    them with ``int`` and clamps ``end`` to the video). ``captions``: when non-empty, all
+    captions of the video; ``RetrievalDataset`` then draws one at random at every access
+    (one random caption per video per epoch, CLIP4Clip's MSR-VTT setting without
+    ``--expand_msrvtt_sentences``) and ``text`` is the first of them.
+    """
+
+    video_id: str
+    video_path: Path
+    text: str
+    start: float | None = None
+    end: float | None = None
+    captions: tuple[str, ...] = ()
+
+
+@dataclass
+class FrameConfig:
+    """How frames are read (see ``examples/tvr/video.py``)."""
+
+    max_frames: int  # T: frames kept per clip (zero-padded with a mask below that)
+    feature_framerate: int = 1  # frames per second read; CLIP4Clip's default and published setting
+    slice_framepos: int = 2  # above max_frames: 0 = head, 1 = tail, 2 = uniform
+    image_resolution: int = 224  # R: short side resize then R x R centre crop
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.feature_framerate < 0:
+            raise ValueError(f"feature_framerate must be >= 0, got {self.feature_framerate}")
+        if self.slice_framepos not in (0, 1, 2):
+            raise ValueError(f"slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
+        if self.image_resolution < 1:
+            raise ValueError(f"image_resolution must be >= 1, got {self.image_resolution}")
+
+
+@dataclass
+class SplitReport:
+    """What a split's files describe and what was found on disk (every mismatch listed)."""
+
+    dataset: str
+    split: str
+    samples: list[Sample]
+    n_videos: int  # videos in the split (after dropping those without any caption)
+    n_captions: int  # captions (sentences, or descriptions joined into paragraphs)
+    found: int  # videos with a file on disk
+    missing: list[str] = field(default_factory=list)  # videos of the split without a file
+    unmatched: list[str] = field(default_factory=list)  # split entries the annotations do not cover, etc.
+    matched_by: dict[str, int] = field(default_factory=dict)  # how files were matched, e.g. {"exact": 3}
+    notes: list[str] = field(default_factory=list)
+
+    def log(self) -> None:
+        level = logging.WARNING if self.missing or self.unmatched else logging.INFO
+        logger.log(
+            level,
+            "%s/%s: %d videos, %d captions, %d found on disk, %d missing, %d unmatched",
+            self.dataset, self.split, self.n_videos, self.n_captions, self.found,
+            len(self.missing), len(self.unmatched),
+        )
+        for name in self.missing:
+            logger.warning("%s/%s: no video file for %s", self.dataset, self.split, name)
+        for name in self.unmatched:
+            logger.warning("%s/%s: unmatched %s", self.dataset, self.split, name)
+
+    def as_dict(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "videos": self.n_videos,
+            "captions": self.n_captions,
+            "samples": len(self.samples),
+            "found": self.found,
+            "missing": len(self.missing),
+            "unmatched": len(self.unmatched),
+            "matched_by": dict(self.matched_by),
+            "missing_names": list(self.missing),
+            "unmatched_names": list(self.unmatched),
+            "notes": list(self.notes),
+        }
+
+
+def list_video_files(root: str | Path, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> list[Path]:
+    """Every video file under ``root`` (recursive, symlinks followed), sorted for determinism."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"video folder {root} does not exist")
+    exts = {e.lower() for e in extensions}
+    out = []
+    for dirpath, _, filenames in os.walk(root, followlinks=True):
+        for name in filenames:
+            if Path(name).suffix.lower() in exts:
+                out.append(Path(dirpath) / name)
+    return sorted(out)
+
+
+def group_by_video(samples: Sequence[Sample]) -> tuple[list[Sample], Tensor]:
+    """Unique clips in first-appearance order and, per sample, the index of its clip.
+
+    Returns ``(videos, gt)`` with ``gt`` (len(samples),) int64: use ``videos`` to encode each
+    clip once and ``gt`` as the ground truth of ``metrics.compute_metrics``.
+    """
+    index: dict[tuple, int] = {}
+    videos: list[Sample] = []
+    gt = []
+    for s in samples:
+        key = (str(s.video_path), s.start, s.end)
+        if key not in index:
+            index[key] = len(videos)
+            videos.append(s)
+        gt.append(index[key])
+    return videos, torch.tensor(gt, dtype=torch.long)
+
+
+class RetrievalDataset(Dataset):
+    """(text ids, frames) pairs for training and evaluation.
+
+    Args:
+        samples: the pairs, e.g. from ``msrvtt.load_split``.
+        tokenize: list of N strings -> (N, max_words) token ids (e.g. ``clip_tokenize`` with
+            ``max_words`` bound).
+        frames: how frames are read.
+        skip_broken: if False (default), a missing video raises ``FileNotFoundError`` here,
+            listing the missing files, and an undecodable one raises ``VideoDecodeError``
+            (naming the file) when it is read. If True, every distinct video is probed here
+            (exists, opens, first frame decodes) and the samples of broken ones are dropped;
+            ``skipped`` lists ``(sample, reason)``. A video that passes the probe and still
+            fails later is replaced by the next readable item (logged, counted in
+            ``runtime_failures`` of that process), so no all-zero video reaches training.
+
+    Items: ``{"text_ids": (max_words,) int64, "video": (T, 3, R, R) float32,
+    "video_mask": (T,) int64, "index": int}`` where ``index`` is the item's position.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        tokenize: Callable[[list[str]], Tensor],
+        frames: FrameConfig,
+        skip_broken: bool = False,
+    ) -> None:
+        self.tokenize = tokenize
+        self.frames = frames
+        self.skip_broken = skip_broken
+        self.skipped: list[tuple[Sample, str]] = []
+        self.runtime_failures = 0
+        samples = list(samples)
+        paths = list(dict.fromkeys(Path(s.video_path) for s in samples))
+        if skip_broken:
+            broken = {p: r for p in paths if (r := probe_video(p)) is not None}
+            self.skipped = [(s, broken[Path(s.video_path)]) for s in samples if Path(s.video_path) in broken]
+            samples = [s for s in samples if Path(s.video_path) not in broken]
+            if broken:
+                logger.warning(
+                    "skipping %d of %d videos (%d samples) that cannot be read, e.g. %s: %s",
+                    len(broken), len(paths), len(self.skipped), *next(iter(broken.items())),
+                )
+        else:
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                shown = ", ".join(str(p) for p in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(paths)} videos are missing: {shown}{more}; "
+                    "check features_path, run the validate command, or pass skip_broken=True"
+                )
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def text_of(self, i: int) -> str:
+        """The caption of item ``i`` for this access (a random one when the sample has several)."""
+        s = self.samples[i]
+        if s.captions:
+            return s.captions[int(torch.randint(len(s.captions), ()).item())]
+        return s.text
+
+    def tokens(self, texts: list[str]) -> Tensor:
+        ids = self.tokenize(texts)
+        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.shape[0] != len(texts):
+            got = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
+            raise ValueError(f"tokenize must return ({len(texts)}, max_words) ids, got {got}")
+        return ids.long()
+
+    def _load(self, i: int) -> dict:
+        s = self.samples[i]
+        video, mask = load_frames(s.video_path, self.frames, s.start, s.end)
+        return {"text_ids": self.tokens([self.text_of(i)])[0], "video": video, "video_mask": mask, "index": i}
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} items")
+        i = i % len(self)
+        if not self.skip_broken:
+            return self._load(i)
+        for attempt in range(min(len(self), 16)):
+            j = (i + attempt) % len(self)
+            try:
+                return self._load(j)
+            except VideoDecodeError as err:
+                self.runtime_failures += 1
+                logger.warning("skipping unreadable video (item %d): %s", j, err)
+        raise VideoDecodeError(self.samples[i].video_path, "it and the next items all failed to decode")
