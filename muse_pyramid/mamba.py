@@ -6,7 +6,7 @@ N = d_state, R = dt_rank.
 Parameter names follow Vim's `bimamba_type="v2"` so the public release's checkpoints load by name:
 shared `in_proj` (C -> 2D, no bias) and `out_proj` (D -> C, no bias); per direction `A_log (D, N)`,
 `D (D,)`, `conv1d` (depthwise, width d_conv), `x_proj (D -> R + 2N)`, `dt_proj (R -> D)`; the backward
-set carries a `_b` suffix. Each direction computes, on its own copy of `x, z = split(in_proj(u))`:
+set carries a `_b` suffix (`A_b_log`, `D_b`, `conv1d_b`, `x_proj_b`, `dt_proj_b`). Each direction computes, on its own copy of `x, z = split(in_proj(u))`:
 
     x     = SiLU(causal_conv1d(x))
     dt, B, C = split(x_proj(x))
@@ -35,6 +35,11 @@ from ._validate import check_tensor
 from .ops import causal_conv1d, selective_scan
 
 __all__ = ["BiMamba"]
+
+
+def _a_log(suffix: str) -> str:
+    """Vim's name for A of a direction: `A_log` forward, `A_b_log` backward (the only irregular name)."""
+    return "A_log" if not suffix else f"A{suffix}_log"
 
 
 class BiMamba(nn.Module):
@@ -87,7 +92,7 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
         suffixes = ("", "_b") if bidirectional else ("",)
         for s in suffixes:
-            self.register_parameter(f"A_log{s}", nn.Parameter(torch.empty(self.d_inner, d_state)))
+            self.register_parameter(_a_log(s), nn.Parameter(torch.empty(self.d_inner, d_state)))
             self.register_parameter(f"D{s}", nn.Parameter(torch.empty(self.d_inner)))
             self.add_module(
                 f"conv1d{s}",
@@ -123,14 +128,14 @@ class BiMamba(nn.Module):
                 ).clamp(min=self.dt_init_floor)
                 dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
                 a = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
-                getattr(self, f"A_log{s}").copy_(torch.log(a))
+                getattr(self, _a_log(s)).copy_(torch.log(a))
                 getattr(self, f"D{s}").fill_(1.0)
-            getattr(self, f"A_log{s}")._no_weight_decay = True
+            getattr(self, _a_log(s))._no_weight_decay = True
             getattr(self, f"D{s}")._no_weight_decay = True
 
     def no_weight_decay(self) -> set:
         """Names of the parameters that carry no weight decay (A_log, D and their backward twins)."""
-        return {f"{p}{s}" for s in self._suffixes for p in ("A_log", "D")}
+        return {name for s in self._suffixes for name in (_a_log(s), f"D{s}")}
 
     def _direction(self, xz: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
         """One scan direction. xz: `(B, 2D, L)`; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`."""
@@ -147,7 +152,7 @@ class BiMamba(nn.Module):
         delta = rearrange(dt @ dt_proj.weight.t(), "b l d -> b d l")
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
-        a = -torch.exp(getattr(self, f"A_log{s}").float())
+        a = -torch.exp(getattr(self, _a_log(s)).float())
         d_skip = getattr(self, f"D{s}").float()
         if mask is None:  # bias and softplus fused into the scan
             return selective_scan(

@@ -1,0 +1,142 @@
+"""Tests for muse_pyramid.mamba.BiMamba: Vim v2 layout, Mamba init, maths, direction symmetry, masks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from muse_pyramid import BiMamba
+
+
+def _ref_direction(m, xz, s):
+    """One direction from the formulas: F.conv1d with left padding and a step-by-step float64 scan."""
+    x, z = xz.double().chunk(2, dim=1)
+    conv = getattr(m, f"conv1d{s}")
+    x = F.silu(F.conv1d(F.pad(x, (m.d_conv - 1, 0)), conv.weight.double(), conv.bias.double(), groups=m.d_inner))
+    x_dbl = x.transpose(1, 2) @ getattr(m, f"x_proj{s}").weight.double().t()
+    dt, b, c = torch.split(x_dbl, [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    dt_proj = getattr(m, f"dt_proj{s}")
+    delta = F.softplus(dt @ dt_proj.weight.double().t() + dt_proj.bias.double()).transpose(1, 2)  # (B, D, L)
+    a = -torch.exp((m.A_log if not s else m.A_b_log).double())
+    h = torch.zeros(x.shape[0], m.d_inner, m.d_state, dtype=torch.float64)
+    ys = []
+    for t in range(x.shape[-1]):
+        h = torch.exp(delta[:, :, t, None] * a) * h + delta[:, :, t, None] * b[:, None, t] * x[:, :, t, None]
+        ys.append((h * c[:, None, t]).sum(-1))
+    y = torch.stack(ys, dim=-1) + getattr(m, f"D{s}").double()[:, None] * x
+    return y * F.silu(z)
+
+
+def _reference(m, u):
+    xz = (u.double() @ m.in_proj.weight.double().t()).transpose(1, 2)
+    y = _ref_direction(m, xz, "")
+    if m.bidirectional:
+        y = y + _ref_direction(m, xz.flip(-1), "_b").flip(-1)
+    return y.transpose(1, 2) @ m.out_proj.weight.double().t()
+
+
+def _randomise(m, g):
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.startswith(("A_log", "D", "dt_proj")):
+                continue
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def test_vim_v2_parameter_names_and_shapes():
+    m = BiMamba(32, d_state=16, d_conv=4, expand=1)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    r = math.ceil(32 / 16)
+    expect = {
+        "in_proj.weight": (64, 32), "out_proj.weight": (32, 32),
+        "A_log": (32, 16), "D": (32,), "conv1d.weight": (32, 1, 4), "conv1d.bias": (32,),
+        "x_proj.weight": (r + 32, 32), "dt_proj.weight": (32, r), "dt_proj.bias": (32,),
+    }
+    backward = {"A_b_log": (32, 16), "D_b": (32,), "conv1d_b.weight": (32, 1, 4), "conv1d_b.bias": (32,),
+                "x_proj_b.weight": (r + 32, 32), "dt_proj_b.weight": (32, r), "dt_proj_b.bias": (32,)}
+    assert shapes == {**expect, **backward}
+    assert set(BiMamba(32, bidirectional=False).state_dict()) == set(expect)
+
+
+def test_mamba_initialisation():
+    torch.manual_seed(0)
+    m = BiMamba(64, d_state=8, expand=2)
+    for s in ("", "_b"):
+        dt = F.softplus(getattr(m, f"dt_proj{s}").bias)
+        assert dt.min() >= 1e-4 - 1e-9 and dt.max() <= 0.1 + 1e-6
+        assert dt.min() < 3e-3 and dt.max() > 3e-2  # spread over the log-uniform range
+        a_log = m.A_log if not s else m.A_b_log
+        torch.testing.assert_close(a_log, torch.log(torch.arange(1.0, 9.0)).repeat(128, 1))
+        torch.testing.assert_close(getattr(m, f"D{s}"), torch.ones(128))
+        assert a_log._no_weight_decay and getattr(m, f"D{s}")._no_weight_decay
+        bound = m.dt_rank**-0.5
+        assert getattr(m, f"dt_proj{s}").weight.abs().max() <= bound
+    assert m.no_weight_decay() == {"A_log", "D", "A_b_log", "D_b"}
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("expand", [1, 2])
+def test_forward_matches_reference(bidirectional, expand):
+    g = torch.Generator().manual_seed(3)
+    m = BiMamba(16, d_state=4, d_conv=3, expand=expand, bidirectional=bidirectional)
+    _randomise(m, g)
+    u = torch.randn(2, 11, 16, generator=g)
+    torch.testing.assert_close(m(u).double(), _reference(m, u), rtol=1e-4, atol=1e-5)
+
+
+def test_direction_symmetry():
+    """Reversing the sequence and swapping the forward/backward parameter sets reverses the output."""
+    g = torch.Generator().manual_seed(4)
+    m = BiMamba(16, d_state=4)
+    _randomise(m, g)
+    swapped = BiMamba(16, d_state=4)
+    sd = m.state_dict()
+    pairs = {"A_log": "A_b_log", "D": "D_b", "conv1d": "conv1d_b", "x_proj": "x_proj_b", "dt_proj": "dt_proj_b"}
+    pairs.update({v: k for k, v in pairs.items()})
+    swap = {}
+    for k, v in sd.items():
+        head, dot, rest = k.partition(".")
+        swap[pairs.get(head, head) + dot + rest] = v
+    swapped.load_state_dict(swap)
+    u = torch.randn(2, 9, 16, generator=g)
+    torch.testing.assert_close(swapped(u.flip(1)), m(u).flip(1), rtol=1e-5, atol=1e-5)
+
+
+def test_forward_only_mamba_is_causal():
+    g = torch.Generator().manual_seed(5)
+    m = BiMamba(8, d_state=4, bidirectional=False)
+    u = torch.randn(1, 10, 8, generator=g)
+    u2 = u.clone()
+    u2[:, 6:] += 1.0
+    torch.testing.assert_close(m(u)[:, :6], m(u2)[:, :6])
+    assert not torch.allclose(m(u)[:, 6:], m(u2)[:, 6:])
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_masked_tail_is_invisible(bidirectional):
+    g = torch.Generator().manual_seed(6)
+    m = BiMamba(8, d_state=4, bidirectional=bidirectional)
+    _randomise(m, g)
+    u = torch.randn(2, 12, 8, generator=g)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    out = m(u, mask)
+    torch.testing.assert_close(out[1, :7], m(u[1:, :7])[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0], m(u[:1])[0], rtol=1e-5, atol=1e-6)
+    # the padding itself is really removed: changing it changes nothing real
+    u2 = u.clone()
+    u2[1, 7:] = 100.0
+    torch.testing.assert_close(m(u2, mask)[1, :7], out[1, :7])
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"d_state must be a positive int, got 0"):
+        BiMamba(8, d_state=0)
+    with pytest.raises(ValueError, match=r"dt_rank must be 'auto' or a positive int"):
+        BiMamba(8, dt_rank="big")
+    m = BiMamba(8)
+    with pytest.raises(ValueError, match=r"\(B, L, C\) with C = 8, got \(1, 4, 6\)"):
+        m(torch.randn(1, 4, 6))
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, L\) = \(1, 4\), got \(1, 5\)"):
+        m(torch.randn(1, 4, 8), torch.ones(1, 5, dtype=torch.bool))
