@@ -211,3 +211,14 @@ def test_bad_construction():
         MUSEHead(16, depth=0)
     with pytest.raises(ValueError, match=r"grid=\(3, 5\) expects 1\+3\*5=16"):
         MUSEHead(16, depth=1, grid=(3, 5))(torch.randn(1, 1, 17, 16))
+
+
+def test_bf16_autocast_matches_fp32_within_bf16_tolerance():
+    head = _perturb_blocks(MUSEHead(32, depth=2, d_state=4)).eval()
+    x = _tokens(2, 3, 4, 4, 32)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    ref = head(x, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=1e-1)
