@@ -41,6 +41,7 @@ __all__ = [
     "denormalize",
     "frame_indices",
     "load_frames",
+    "pick_codec",
     "probe_video",
     "select_frames",
     "video_fps",
@@ -301,6 +302,18 @@ def _encodable(av, name: str) -> bool:
     return True
 
 
+def pick_codec(suffix: str) -> tuple[str, dict[str, str]]:
+    """The encoder (and its options) used for a container extension such as ``".mp4"``."""
+    av = _import_av()
+    suffix = suffix.lower()
+    if suffix not in _CODECS:
+        raise ValueError(f"unknown video extension {suffix!r}; use one of {sorted(_CODECS)}")
+    for codec in _CODECS[suffix]:
+        if _encodable(av, codec):
+            return codec, dict(_CODEC_OPTIONS.get(codec, {}))
+    raise RuntimeError(f"this PyAV build can encode none of {_CODECS[suffix]} for {suffix}")
+
+
 def write_video(
     path: str | Path, frames: np.ndarray | Tensor, fps: float | Fraction, codec: str | None = None
 ) -> Path:
@@ -323,17 +336,13 @@ def write_video(
     rate = Fraction(fps).limit_denominator(1001) if not isinstance(fps, Fraction) else fps
     if rate <= 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    suffix = path.suffix.lower()
     if codec is None:
-        if suffix not in _CODECS:
-            raise ValueError(f"unknown video extension {suffix!r} in {path}; use one of {sorted(_CODECS)}")
-        candidates = [c for c in _CODECS[suffix] if _encodable(av, c)]
-        if not candidates:
-            raise RuntimeError(f"this PyAV build can encode none of {_CODECS[suffix]} for {suffix}")
-        codec = candidates[0]
+        codec, options = pick_codec(path.suffix)
+    else:
+        options = dict(_CODEC_OPTIONS.get(codec, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=rate, options=dict(_CODEC_OPTIONS.get(codec, {})))
+        stream = container.add_stream(codec, rate=rate, options=options)
         stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
         for image in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
