@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .base import Sample, SplitReport, list_video_files
 
-__all__ = ["DEFAULTS", "load_split", "scan"]
+__all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
 DEFAULTS = {
     "max_words": 64,
@@ -37,7 +37,8 @@ _FILES = {
     "val": ("val_1.json", "val_ids.json"),
     "test": ("val_1.json", "val_ids.json"),
 }
-_OPTIONS = {f"{s}_{kind}" for s in _FILES for kind in ("json", "ids")}
+OPTIONS = tuple(f"{s}_{kind}" for s in _FILES for kind in ("json", "ids"))  # what scan/load_split read
+_OPTIONS = set(OPTIONS)
 
 
 def _strip_v(video_id: str) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .base import Sample, SplitReport, list_video_files
 
-__all__ = ["DEFAULTS", "load_split", "match_files", "scan"]
+__all__ = ["DEFAULTS", "OPTIONS", "load_split", "match_files", "scan"]
 
 DEFAULTS = {
     "max_words": 64,
@@ -38,6 +38,7 @@ DEFAULTS = {
     "image_resolution": 224,
     "clip_end": 31.0,
 }
+OPTIONS = ("clip_end",)  # what scan/load_split read
 SPLITS = ("train", "val", "test")
 
 

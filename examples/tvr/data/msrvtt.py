@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .base import Sample, SplitReport
 
-__all__ = ["DEFAULTS", "load_split", "scan"]
+__all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
 DEFAULTS = {
     "max_words": 32,
@@ -44,6 +44,7 @@ DEFAULTS = {
     "data_json": "MSRVTT_data.json",
     "expand_sentences": True,
 }
+OPTIONS = ("train_csv", "val_csv", "test_csv", "data_json", "expand_sentences")  # what scan/load_split read
 SPLITS = ("train", "val", "test")
 VIDEO_SUFFIXES = (".mp4", ".webm")
 
@@ -91,9 +92,9 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
     Options: ``train_csv``, ``val_csv``, ``test_csv``, ``data_json`` (paths) and
     ``expand_sentences`` (bool); other keys of ``DEFAULTS`` are accepted and ignored here.
     """
-    unknown = set(options) - set(DEFAULTS) - {"val_csv"}
+    unknown = set(options) - set(DEFAULTS) - set(OPTIONS)
     if unknown:
-        raise TypeError(f"unknown MSR-VTT options {sorted(unknown)}; known: {sorted(set(DEFAULTS) | {'val_csv'})}")
+        raise TypeError(f"unknown MSR-VTT options {sorted(unknown)}; known: {sorted(set(DEFAULTS) | set(OPTIONS))}")
     if split not in SPLITS:
         raise ValueError(f"MSR-VTT split must be one of {SPLITS}, got {split!r}")
     opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
