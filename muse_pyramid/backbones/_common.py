@@ -55,10 +55,11 @@ def uses_quick_gelu(model: nn.Module) -> Optional[bool]:
     """Whether the MLPs of a CLIP model (any family) use QuickGELU.
 
     Returns True if any submodule is a QuickGELU (open_clip, timm and OpenAI's ``QuickGELU``, Hugging
-    Face's ``QuickGELUActivation``), False if the model only has GELU modules, None if it has neither
-    (e.g. a TorchScript archive or a functional activation), i.e. unknown.
+    Face's ``QuickGELUActivation``; also inside a TorchScript archive), False if the model only has
+    GELU modules, None if it has neither (e.g. a functional activation), i.e. unknown.
     """
-    names = {type(m).__name__ for m in model.modules()}
+    # TorchScript modules keep the Python class name as `original_name`.
+    names = {getattr(m, "original_name", type(m).__name__) for m in model.modules()}
     if any("QuickGELU" in n for n in names):
         return True
     if any("GELU" in n for n in names):

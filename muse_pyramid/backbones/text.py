@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._common import require
@@ -59,7 +60,9 @@ def open_clip_text_features(model: nn.Module, text_ids: torch.Tensor) -> torch.T
         text_ids: `(N, M)` integer ids from `clip_tokenize`.
 
     Returns:
-        `(N, D)`: ``ln_final`` output at the end token, times ``text_projection``.
+        `(N, D)`: ``ln_final`` output at the end token, times ``text_projection``. Rows shorter than the
+        model's ``context_length`` (CLIP4Clip's 32 words) are zero padded to it, which leaves the
+        feature at the end token unchanged because CLIP's text attention is causal.
     """
     if not isinstance(text_ids, torch.Tensor) or text_ids.ndim != 2 or text_ids.is_floating_point():
         got = f"shape {tuple(text_ids.shape)}, dtype {text_ids.dtype}" if isinstance(text_ids, torch.Tensor) else type(text_ids).__name__
@@ -67,6 +70,11 @@ def open_clip_text_features(model: nn.Module, text_ids: torch.Tensor) -> torch.T
     if not hasattr(model, "encode_text"):
         raise TypeError(f"model must be a CLIP with encode_text (open_clip or OpenAI layout), got {type(model).__name__}")
     context = getattr(model, "context_length", None)
-    if isinstance(context, int) and text_ids.shape[1] > context:
-        raise ValueError(f"text_ids has {text_ids.shape[1]} tokens per text, more than the model's context_length={context}")
+    if isinstance(context, int):
+        if text_ids.shape[1] > context:
+            raise ValueError(
+                f"text_ids has {text_ids.shape[1]} tokens per text, more than the model's context_length={context}"
+            )
+        # CLIP's text attention is causal, so zeros after the end token leave its feature unchanged.
+        text_ids = F.pad(text_ids, (0, context - text_ids.shape[1]))
     return model.encode_text(text_ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -133,7 +134,9 @@ def load_openai_state_dict(
     if not path.is_file():
         raise FileNotFoundError(f"path={str(path)!r}: no such file")
     if _is_torchscript_archive(path):
-        state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        with warnings.catch_warnings():  # recent torch marks TorchScript as deprecated; the archives remain
+            warnings.simplefilter("ignore", FutureWarning)
+            state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     elif path.suffix == ".safetensors":
         state_dict = dict(require("safetensors.torch").load_file(str(path), device="cpu"))
     else:
@@ -221,7 +224,7 @@ def load_openai_weights(
     if family == "transformers":  # the text tower of a CLIPModel is not filled
         missing = [k for k in result.missing_keys if k.startswith(("vision_model.", "visual_projection."))]
     else:
-        missing = list(result.missing_keys)
+        missing = [k for k in result.missing_keys if k not in OPENAI_SENTINEL_KEYS]
     if strict and (missing or result.unexpected_keys):
         raise ValueError(
             f"state_dict does not fit {type(model).__name__}: missing keys {missing[:8]}, "

@@ -124,6 +124,21 @@ class OpenAICLIP(nn.Module):
         return self.encode_image(image), self.encode_text(text)
 
 
+def convert_to_fp16(model: nn.Module) -> nn.Module:
+    """OpenAI's ``convert_weights``: conv, linear, attention and projection weights to fp16, norms stay fp32."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            module.half()
+        if isinstance(module, nn.MultiheadAttention):
+            module.in_proj_weight.data = module.in_proj_weight.data.half()
+            module.in_proj_bias.data = module.in_proj_bias.data.half()
+        for name in ("proj", "text_projection"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                param.data = param.data.half()
+    return model
+
+
 def make_openai_clip(seed: int = 0, **overrides) -> OpenAICLIP:
     cfg = dict(ARCHIVE_CFG, **overrides)
     return OpenAICLIP(**cfg, generator=torch.Generator().manual_seed(seed)).eval()
@@ -135,8 +150,9 @@ def trace_openai_archive(model: OpenAICLIP, path) -> None:
     images = torch.zeros(2, 3, size, size)
     text = torch.zeros(2, model.positional_embedding.shape[0], dtype=torch.long)
     text[:, 0], text[:, 3] = 5, 7
-    with warnings.catch_warnings():  # recent torch marks TorchScript as deprecated
+    with warnings.catch_warnings():  # recent torch marks TorchScript as deprecated; MHA's checks warn in tracing
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace_module(
             model, {"forward": (images, text), "encode_image": (images,), "encode_text": (text,)}, check_trace=False
         )

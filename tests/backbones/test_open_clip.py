@@ -19,7 +19,7 @@ def small_clip(patch: int, width: int = 64, image: int = 224, **vision):
 
 @torch.no_grad()
 def test_vit_b32_map_and_cls():
-    model = build(open_clip.create_model, "ViT-B-32-quickgelu")  # the real architecture, random weights
+    model = build(open_clip.create_model, "ViT-B-32-quickgelu")  # the full-size architecture, random weights
     x = images(1, 224)
     tokens = open_clip_tokens(model, x)
     assert_token_map(tokens, model.encode_image(x), (1, 50, 512))
