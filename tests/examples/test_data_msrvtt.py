@@ -64,3 +64,10 @@ def test_options_json_path_7k_and_errors(fx):
         msrvtt.load_split(fx.data_path, fx.features_path, "validation")
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         msrvtt.load_split(fx.data_path, fx.features_path, "train", train_csv="nope.csv")
+
+
+def test_val_csv_selects_a_held_out_list(fx, tmp_path):
+    held_out = tmp_path / "held_out.csv"
+    held_out.write_text("key,vid_key,video_id,sentence\nret0,msr0,video0,a held out caption\n")
+    val = msrvtt.load_split(fx.data_path, fx.features_path, "val", val_csv=str(held_out))
+    assert [(s.video_id, s.text) for s in val] == [("video0", "a held out caption")]

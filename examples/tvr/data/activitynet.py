@@ -21,17 +21,11 @@ import json
 import math
 from pathlib import Path
 
-from .base import Sample, SplitReport, list_video_files
+from .base import Sample, SplitReport, frame_defaults, list_video_files
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
-DEFAULTS = {
-    "max_words": 64,
-    "max_frames": 64,
-    "feature_framerate": 1,
-    "slice_framepos": 2,
-    "image_resolution": 224,
-}
+DEFAULTS = frame_defaults(max_words=64, max_frames=64)
 _FILES = {
     "train": ("train.json", "train_ids.json"),
     "val": ("val_1.json", "val_ids.json"),

@@ -26,6 +26,7 @@ __all__ = [
     "RetrievalDataset",
     "Sample",
     "SplitReport",
+    "frame_defaults",
     "group_by_video",
     "list_video_files",
 ]
@@ -33,6 +34,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
+
+
+def frame_defaults(max_words: int, max_frames: int) -> dict:
+    """A data set's published text/frame settings; the rest is CLIP4Clip's default frame rule."""
+    return {
+        "max_words": max_words,
+        "max_frames": max_frames,
+        "feature_framerate": 1,
+        "slice_framepos": 2,
+        "image_resolution": 224,
+    }
 
 
 @dataclass(frozen=True)

@@ -26,18 +26,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import Sample, SplitReport, list_video_files
+from .base import Sample, SplitReport, frame_defaults, list_video_files
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "match_files", "scan"]
 
-DEFAULTS = {
-    "max_words": 64,
-    "max_frames": 64,
-    "feature_framerate": 1,
-    "slice_framepos": 2,
-    "image_resolution": 224,
-    "clip_end": 31.0,
-}
+DEFAULTS = {**frame_defaults(max_words=64, max_frames=64), "clip_end": 31.0}
 OPTIONS = ("clip_end",)  # what scan/load_split read
 SPLITS = ("train", "val", "test")
 

@@ -29,16 +29,12 @@ import csv
 import json
 from pathlib import Path
 
-from .base import Sample, SplitReport
+from .base import Sample, SplitReport, frame_defaults
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
 DEFAULTS = {
-    "max_words": 32,
-    "max_frames": 12,
-    "feature_framerate": 1,
-    "slice_framepos": 2,
-    "image_resolution": 224,
+    **frame_defaults(max_words=32, max_frames=12),
     "train_csv": "MSRVTT_train.9k.csv",
     "test_csv": "MSRVTT_JSFUSION_test.csv",
     "data_json": "MSRVTT_data.json",
