@@ -10,28 +10,31 @@ For every batch b, channel d, state n and step t (Gu & Dao, 2023, Alg. 2)::
 
 with ``g(d) = d // (dim // G)`` for B/C grouped into G groups (G = 1 for ``(batch, N, L)``).
 
-In file order: input checks, the readable reference (one step per token), and the dispatching
-``selective_scan``. Shape letters: batch, dim (channels), L (sequence), N (state), G (groups).
+Backends: "cuda" (``mamba_ssm``'s kernel), "compiled" (a C kernel for the CPU, built on first
+use: ``_cpu_kernel.py``) and "torch" (chunked, memory-bounded PyTorch for any device:
+``_chunked_scan.py``). All of them apply delta_bias/softplus, the D skip and the z gate with
+ordinary PyTorch ops around the recurrence. In file order: input checks, the readable reference
+(one step per token), and the dispatching ``selective_scan``.
+Shape letters: batch, dim (channels), L (sequence), N (state), G (groups).
 Tests: ``tests/ops/test_selective_scan.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ._chunked_scan import chunked_scan
+from ._cpu_kernel import NO_COMPILE_ENV, compiled_disabled, compiled_scan, load_kernel
 from ._dispatch import AUTO, CUDA_INSTALL_HINT, as_device, check_backend_name, cuda_kernel, env_backend
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
 
-_logger = logging.getLogger(__name__)
-
-SCAN_BACKENDS = ("torch", "cuda")
+SCAN_BACKENDS = ("torch", "compiled", "cuda")
 SCAN_BACKEND_ENV = "MUSE_PYRAMID_SCAN_BACKEND"
 
 ScanOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -119,6 +122,24 @@ def _compute_dtype(u: torch.Tensor) -> torch.dtype:
     return torch.float64 if u.dtype == torch.float64 else torch.float32
 
 
+def _final_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, softplus: bool) -> torch.Tensor:
+    """softplus(delta + delta_bias[:, None]), each part optional; delta (batch, dim, L)."""
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(delta.dtype)[:, None]
+    return F.softplus(delta) if softplus else delta
+
+
+def _skip_and_gate(
+    y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None
+) -> torch.Tensor:
+    """(y + D[:, None] * u) * silu(z), each part optional; y, u, z (batch, dim, L)."""
+    if D is not None:
+        y = torch.addcmul(y, u, D.to(y.dtype)[:, None])
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
+
+
 # --------------------------------------------------------------------------------------------
 # readable reference: one step per token, state (batch, dim, N), autograd through the loop
 
@@ -159,11 +180,7 @@ def selective_scan_ref(
     batch, dim, length, n_state = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
     with _no_autocast(u.device):
-        u, delta = u.to(dtype), delta.to(dtype)
-        if delta_bias is not None:
-            delta = delta + delta_bias.to(dtype)[:, None]
-        if delta_softplus:
-            delta = F.softplus(delta)
+        u, delta = u.to(dtype), _final_delta(delta.to(dtype), delta_bias, delta_softplus)
         # channels split into G groups of H; B/C broadcast over H instead of being repeated
         B, C = _as_groups(B).to(dtype), _as_groups(C).to(dtype)
         groups = B.shape[1]
@@ -177,10 +194,7 @@ def selective_scan_ref(
             h = torch.addcmul(du_t[..., None] * B_t[:, :, None, :], decay, h)
             ys.append((h * C_t[:, :, None, :]).sum(-1))
         y = rearrange(torch.stack(ys, dim=-1), "b g h l -> b (g h) l")
-        out = y if D is None else y + u * D.to(dtype)[:, None]
-        if z is not None:
-            out = out * F.silu(z.to(dtype))
-        out = out.to(dtype_in)
+        out = _skip_and_gate(y, u, D, z).to(dtype_in)
     if return_last_state:
         return out, rearrange(h, "b g h n -> b (g h) n")
     return out
@@ -199,7 +213,10 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> s
         name = AUTO if forced is None else check_backend_name(forced, SCAN_BACKENDS, f"${SCAN_BACKEND_ENV}")
     cuda_fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     if name == AUTO:
-        return "cuda" if (device.type == "cuda" and cuda_fn is not None) else "torch"
+        if device.type == "cuda" and cuda_fn is not None:
+            return "cuda"
+        usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
+        return "compiled" if usable and load_kernel() is not None else "torch"
     if name == "cuda":
         if cuda_fn is None:
             raise RuntimeError(
@@ -208,6 +225,20 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> s
             )
         if device.type != "cuda":
             raise RuntimeError(f"selective_scan backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if name == "compiled":
+        if device.type != "cpu":
+            raise RuntimeError(f"selective_scan backend 'compiled' runs on the CPU, got tensors on {device}")
+        if dtype == torch.float64:
+            raise RuntimeError(
+                "selective_scan backend 'compiled' computes in fp32; use backend='torch' for float64"
+            )
+        if compiled_disabled():
+            raise RuntimeError(f"selective_scan backend 'compiled' is disabled by ${NO_COMPILE_ENV}")
+        if load_kernel() is None:
+            raise RuntimeError(
+                "selective_scan backend 'compiled' could not be built (no C compiler, or compiling "
+                "failed: see the logged warning); install gcc or clang or set $CC, or use backend='torch'"
+            )
     return name
 
 
@@ -266,4 +297,15 @@ def selective_scan(
     if name == "cuda":
         fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    dtype_in, dtype = u.dtype, _compute_dtype(u)
+    with _no_autocast(u.device):
+        # both cores read B/C time-major: (batch, G, L, N)
+        B_t, C_t = (rearrange(_as_groups(t).to(dtype), "b g n l -> b g l n") for t in (B, C))
+        if name == "compiled":  # fuses bias, softplus, skip and gate into the kernel
+            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus)
+        else:
+            u = u.to(dtype)
+            delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
+            y, last_state = chunked_scan(u, delta, A.to(dtype), B_t, C_t)
+            out = _skip_and_gate(y, u, D, z)
+    return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)

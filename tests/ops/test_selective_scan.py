@@ -5,7 +5,7 @@ import torch
 
 from muse_pyramid.ops import scan_backend, selective_scan, selective_scan_ref
 
-CPU_BACKENDS = ["torch"]
+CPU_BACKENDS = ["torch", "compiled"]
 
 
 def scan_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

@@ -1,0 +1,244 @@
+"""The compiled CPU selective scan: build ``_scan_kernel.c`` on first use, cache it, call it via ctypes.
+
+The kernel is plain C (no torch headers), so the system compiler builds it in about a second.
+The shared library is cached per user in ``$MUSE_PYRAMID_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/muse_pyramid`` or ``~/.cache/muse_pyramid``) under a name keyed by a hash of
+the source, the compiler, its flags and the CPU, and written atomically (compile to a temporary
+file, then rename), so concurrent processes never load a half-written file. When no compiler
+is found, compiling fails or ``MUSE_PYRAMID_NO_COMPILE=1``, the kernel is unavailable and the
+scan falls back to the PyTorch path (a warning is logged once per process). ``pip install``
+never compiles anything.
+
+Tests: ``tests/ops/test_selective_scan.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_scan"]
+
+_logger = logging.getLogger(__name__)
+
+NO_COMPILE_ENV = "MUSE_PYRAMID_NO_COMPILE"
+CACHE_DIR_ENV = "MUSE_PYRAMID_CACHE_DIR"
+_SOURCE = Path(__file__).with_name("_scan_kernel.c")
+# tried in order: the first that compiles wins (OpenMP or -march=native may be unsupported).
+# No -ffast-math: with GCC < 13 it links crtfastmath.o into the shared library, which flips the
+# whole process to flush-to-zero on load. The kernel brings its own vectorisable exp instead.
+_FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+_COMMON_FLAGS = ("-shared", "-fPIC", "-fno-math-errno")
+_COMPILE_TIMEOUT_S = 120
+
+
+def compiled_disabled() -> bool:
+    """True when ``MUSE_PYRAMID_NO_COMPILE`` is set to a true value (1, true, yes, on)."""
+    return os.environ.get(NO_COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cache_dir() -> Path:
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "muse_pyramid"
+
+
+def _cpu_id() -> str:
+    """Something that changes when the instruction set may change (-march=native)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()}|{platform.processor()}|{flags}"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or cc
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _compile(compiler: str, flags: tuple, source: bytes, out: Path) -> None:
+    """Compile ``source`` into ``out`` atomically (temporary file in the same folder + rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "scan.c"
+        src.write_bytes(source)
+        tmp_out = Path(tmp) / out.name
+        subprocess.run(
+            [compiler, *flags, *_COMMON_FLAGS, "-o", str(tmp_out), str(src)],
+            check=True,
+            capture_output=True,
+            timeout=_COMPILE_TIMEOUT_S,
+        )
+        os.replace(tmp_out, out)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.muse_scan_fwd.argtypes = [p] * 8 + [i32] + [p] * 2 + [i64] * 5 + [i32]
+    lib.muse_scan_fwd.restype = i32
+    lib.muse_scan_bwd.argtypes = [p] * 8 + [i32] + [p] * 10 + [i64] * 5 + [i32]
+    lib.muse_scan_bwd.restype = i32
+    return lib
+
+
+@functools.cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it cannot be built here (warns once per process)."""
+    try:
+        source = _SOURCE.read_bytes()
+    except OSError as err:
+        _logger.warning("selective_scan: the CPU kernel source is missing (%s); using the PyTorch scan", err)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _logger.warning(
+            "selective_scan: no C compiler found (set CC or install gcc/clang); using the slower PyTorch scan"
+        )
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = b""
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256(
+            b"\0".join([source, compiler.encode(), version, " ".join(flags).encode(), _cpu_id().encode()])
+        )
+        path = _cache_dir() / f"selective_scan_{key.hexdigest()[:20]}.so"
+        try:
+            if not path.exists():
+                _compile(compiler, flags, source, path)
+            return _declare(ctypes.CDLL(str(path)))
+        except subprocess.CalledProcessError as err:
+            errors.append(f"{' '.join(flags)}: {err.stderr.decode(errors='replace').strip()[-500:]}")
+        except (OSError, subprocess.SubprocessError, AttributeError) as err:
+            errors.append(f"{' '.join(flags)}: {err}")
+    _logger.warning(
+        "selective_scan: compiling the CPU kernel with %s failed; using the slower PyTorch scan. Errors: %s",
+        compiler,
+        " | ".join(errors),
+    )
+    return None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _like(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else torch.empty_like(t)
+
+
+def _check(status: int, length: int, n_state: int) -> None:
+    if status != 0:
+        raise MemoryError(
+            f"selective_scan: the CPU kernel could not allocate its scratch (L={length}, N={n_state})"
+        )
+
+
+class _CompiledScan(torch.autograd.Function):
+    """The whole scan (bias, softplus, recurrence, skip, gate) on contiguous fp32 CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):  # noqa: ANN001 - autograd signature
+        lib = load_kernel()
+        batch, dim, length = u.shape
+        groups, n_state = B.shape[1], B.shape[3]
+        out = torch.empty_like(u)
+        last = u.new_empty(batch, dim, n_state)
+        status = lib.muse_scan_fwd(
+            *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
+            int(softplus),
+            out.data_ptr(),
+            last.data_ptr(),
+            batch,
+            dim,
+            length,
+            n_state,
+            groups,
+            torch.get_num_threads(),
+        )
+        _check(status, length, n_state)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+        ctx.softplus = softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):  # noqa: ANN001 - autograd signature
+        u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+        batch, dim, length = u.shape
+        groups, n_state = B.shape[1], B.shape[3]
+        dout = torch.zeros_like(u) if dout is None else dout.to(torch.float32).contiguous()
+        dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
+        grads = [_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+        status = load_kernel().muse_scan_bwd(
+            *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
+            int(ctx.softplus),
+            *map(_ptr, [dout, dlast, *grads]),
+            batch,
+            dim,
+            length,
+            n_state,
+            groups,
+            torch.get_num_threads(),
+        )
+        _check(status, length, n_state)
+        return (*grads, None)
+
+
+def compiled_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None,
+    z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole selective scan on the compiled kernel (CPU tensors; computed in fp32).
+
+    Args:
+        u: ``(batch, dim, L)``.
+        delta: raw step sizes ``(batch, dim, L)`` (bias and softplus are applied inside).
+        A: ``(dim, N)``.
+        B: ``(batch, G, L, N)`` (note: time before state).
+        C: ``(batch, G, L, N)``.
+        D: ``(dim,)`` or None.
+        z: ``(batch, dim, L)`` or None.
+        delta_bias: ``(dim,)`` or None.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+
+    Returns:
+        ``out (batch, dim, L)`` and ``last_state (batch, dim, N)``, both fp32.
+    """
+    args = [
+        None if t is None else t.to(torch.float32).contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)
+    ]
+    return _CompiledScan.apply(*args, bool(delta_softplus))

@@ -1,0 +1,343 @@
+/* Selective scan on the CPU, fused like mamba_ssm's selective_scan_fn: fp32, OpenMP over rows.
+ *
+ * Layouts (all C-contiguous; "row" = one (batch, channel) pair):
+ *   u, delta, z, out and their gradients : (batch, dim, L)
+ *   A, dA                                 : (dim, N)
+ *   D, delta_bias and their gradients    : (dim,)           D, z, delta_bias may be NULL
+ *   B, C, dB, dC                          : (batch, G, L, N)  channel d reads group d / (dim / G)
+ *   last, dlast                           : (batch, dim, N)   dlast may be NULL
+ *
+ * Per row:  dt_t = softplus(delta_t + bias)  (softplus optional)
+ *           h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t ,  h_{-1} = 0
+ *           out_t = (<C_t, h_t> + D u_t) * silu(z_t)
+ * The state of a row lives in a small local array: nothing of size (batch, dim, L, N) exists.
+ * The backward recomputes the row's states into per-thread scratch (L x N), then runs the
+ * adjoint g_t = dy_t C_t + exp(dt_{t+1} A) * g_{t+1} backwards. For A <= 0 only decays <= 1 are
+ * multiplied; nothing divides by a cumulative decay. dB/dC sum over the channels of a group:
+ * each thread accumulates into its own buffer, reduced after every batch element. dA, dD and
+ * d(delta_bias) sum over batch and time: one thread owns a channel within a batch element.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#define HAVE_MXCSR 1
+#endif
+
+/* exp(x) accurate to ~2 ulp, written so that the compiler vectorises it (no libm call):
+ * Cody-Waite range reduction, degree-6 polynomial, 2^k built in the exponent bits.
+ * x is clamped to [-88, 88]; at -88 the result is exactly 0. */
+static inline float exp_vec(float x) {
+    x = x < -88.0f ? -88.0f : (x > 88.0f ? 88.0f : x);
+    const float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - k * 0.693359375f;
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+/* log(1 + e) for e in [0, 1] as 2 atanh(s), s = e / (2 + e) <= 1/3 (relative error ~1e-7). */
+static inline float log1p_unit(float e) {
+    const float s = e / (2.0f + e), s2 = s * s;
+    float p = 1.0f / 15.0f;
+    p = p * s2 + 1.0f / 13.0f;
+    p = p * s2 + 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+}
+
+/* softplus with PyTorch's / mamba's threshold: x above 20 passes through */
+static inline float softplus_vec(float x) {
+    const float sp = (x > 0.0f ? x : 0.0f) + log1p_unit(exp_vec(x > 0.0f ? -x : x));
+    return x > 20.0f ? x : sp;
+}
+
+static inline float sigmoid_vec(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+
+/* dt_t for a whole row: delta_t + bias, softplus optional */
+static inline void row_dt(const float *restrict delta, float bias, int softplus, float *restrict dt,
+                          int64_t L) {
+    if (softplus) {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) dt[t] = softplus_vec(delta[t] + bias);
+    } else {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) dt[t] = delta[t] + bias;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* one row; N is a compile-time constant after inlining in the common cases                   */
+
+static inline __attribute__((always_inline)) void fwd_row(
+    const float *restrict u, const float *restrict dt, const float *restrict A,
+    const float *restrict B, const float *restrict C, float *restrict y, float *restrict last,
+    int64_t L, const int N) {
+    float h[N];
+    for (int n = 0; n < N; ++n) h[n] = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+        const float dtt = dt[t], x = dtt * u[t];
+        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int n = 0; n < N; ++n) {
+            h[n] = exp_vec(dtt * A[n]) * h[n] + x * Bt[n];
+            acc += Ct[n] * h[n];
+        }
+        y[t] = acc;
+    }
+    for (int n = 0; n < N; ++n) last[n] = h[n];
+}
+
+/* Recompute the states: hs has (L + 1) x N (row 0 = zero initial state), as has L x N.
+ * Also writes y_t = <C_t, h_t> (needed for the gradient of z). */
+static inline __attribute__((always_inline)) void recompute_row(
+    const float *restrict u, const float *restrict dt, const float *restrict A,
+    const float *restrict B, const float *restrict C, float *restrict hs, float *restrict as,
+    float *restrict y, int64_t L, const int N) {
+    float h[N];
+    for (int n = 0; n < N; ++n) h[n] = hs[n] = 0.0f;
+    for (int64_t t = 0; t < L; ++t) {
+        const float dtt = dt[t], x = dtt * u[t];
+        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
+        float *restrict at = as + t * N, *restrict ht = hs + (t + 1) * N;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int n = 0; n < N; ++n) {
+            at[n] = exp_vec(dtt * A[n]);
+            h[n] = at[n] * h[n] + x * Bt[n];
+            ht[n] = h[n];
+            acc += Ct[n] * h[n];
+        }
+        y[t] = acc;
+    }
+}
+
+/* Adjoint recurrence; dy = dL/dy_t. Writes du (without the D term) and ddt, accumulates
+ * dB, dC (group buffers of this thread) and dA (this channel). */
+static inline __attribute__((always_inline)) void adjoint_row(
+    const float *restrict u, const float *restrict dt, const float *restrict A,
+    const float *restrict B, const float *restrict C, const float *restrict dy,
+    const float *restrict dlast, const float *restrict hs, const float *restrict as,
+    float *restrict du, float *restrict ddt, float *restrict dA, float *restrict dB,
+    float *restrict dC, int64_t L, const int N) {
+    float g[N], dA_row[N];
+    for (int n = 0; n < N; ++n) {
+        g[n] = dlast ? dlast[n] : 0.0f;
+        dA_row[n] = 0.0f;
+    }
+    for (int64_t t = L - 1; t >= 0; --t) { /* g holds exp(dt_{t+1} A) g_{t+1} */
+        const float dtt = dt[t], ut = u[t], dyt = dy[t], x = dtt * ut;
+        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N, *restrict at = as + t * N;
+        const float *restrict ht = hs + (t + 1) * N, *restrict hprev = hs + t * N;
+        float *restrict dBt = dB + t * N, *restrict dCt = dC + t * N;
+        float gB = 0.0f, gAah = 0.0f;
+#pragma omp simd reduction(+ : gB, gAah)
+        for (int n = 0; n < N; ++n) {
+            const float gn = g[n] + dyt * Ct[n];   /* dL/dh_t */
+            const float w = gn * at[n] * hprev[n]; /* dL/d(dt_t A_n) */
+            dCt[n] += dyt * ht[n];
+            dBt[n] += gn * x;
+            gB += gn * Bt[n];
+            gAah += w * A[n];
+            dA_row[n] += w * dtt;
+            g[n] = gn * at[n];
+        }
+        du[t] = gB * dtt;
+        ddt[t] = gB * ut + gAah;
+    }
+    for (int n = 0; n < N; ++n) dA[n] += dA_row[n];
+}
+
+#define DISPATCH_N(N, CALL)       \
+    switch (N) {                  \
+        case 4: CALL(4); break;   \
+        case 8: CALL(8); break;   \
+        case 16: CALL(16); break; \
+        case 32: CALL(32); break; \
+        case 64: CALL(64); break; \
+        default: CALL(N); break;  \
+    }
+
+/* Flush denormals to zero inside the kernel only (a decayed state must not run 100x slower);
+ * each thread restores its floating-point mode before leaving. */
+#ifdef HAVE_MXCSR
+#define FTZ_BEGIN                                   \
+    const unsigned int mxcsr_saved = _mm_getcsr(); \
+    _mm_setcsr(mxcsr_saved | 0x8040);
+#define FTZ_END _mm_setcsr(mxcsr_saved);
+#else
+#define FTZ_BEGIN
+#define FTZ_END
+#endif
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* entry points; return 0 on success, 1 when memory could not be allocated                    */
+
+int muse_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
+                  const float *C, const float *D, const float *z, const float *delta_bias,
+                  int softplus, float *out, float *last, int64_t batch, int64_t dim, int64_t L,
+                  int64_t N, int64_t G, int nthreads) {
+    const int64_t H = dim / G;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+        float *dt = (float *)malloc(sizeof(float) * (size_t)L);
+        if (!dt) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (int64_t b = 0; b < batch; ++b)
+            for (int64_t d = 0; d < dim; ++d) {
+                if (!dt) continue;
+                const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
+                float *restrict o = out + row;
+                const float *restrict ur = u + row;
+                row_dt(delta + row, delta_bias ? delta_bias[d] : 0.0f, softplus, dt, L);
+#define FWD_CALL(NN) fwd_row(ur, dt, A + d * N, B + bc, C + bc, o, last + (b * dim + d) * N, L, NN)
+                DISPATCH_N(N, FWD_CALL)
+#undef FWD_CALL
+                const float Dd = D ? D[d] : 0.0f;
+                if (z) {
+                    const float *restrict zr = z + row;
+#pragma omp simd
+                    for (int64_t t = 0; t < L; ++t) o[t] = (o[t] + Dd * ur[t]) * zr[t] * sigmoid_vec(zr[t]);
+                } else if (D) {
+#pragma omp simd
+                    for (int64_t t = 0; t < L; ++t) o[t] += Dd * ur[t];
+                }
+            }
+        free(dt);
+        FTZ_END
+    }
+    return failed;
+}
+
+/* Gradients of every input; dD, dz, ddelta_bias are skipped when the input is NULL. */
+int muse_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
+                  const float *C, const float *D, const float *z, const float *delta_bias,
+                  int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
+                  float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
+                  int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G, int nthreads) {
+    const int64_t H = dim / G, per = G * L * N;
+    if (nthreads < 1) nthreads = 1;
+    /* per-thread accumulators for dB and dC of one batch element; calloc: unused ones stay 0 */
+    float *acc = (float *)calloc((size_t)nthreads * 2 * (size_t)per, sizeof(float));
+    if (!acc) return 1;
+    int failed = 0;
+    memset(dA, 0, sizeof(float) * (size_t)(dim * N));
+    if (dD) memset(dD, 0, sizeof(float) * (size_t)dim);
+    if (ddelta_bias) memset(ddelta_bias, 0, sizeof(float) * (size_t)dim);
+#pragma omp parallel num_threads(nthreads)
+    {
+        FTZ_BEGIN
+        float *mine = acc + (size_t)thread_id() * 2 * (size_t)per;
+        /* scratch: states (L + 1) x N, decays L x N, dt, y, dy: L each */
+        float *hs = (float *)malloc(sizeof(float) * (size_t)((2 * L + 1) * N + 3 * L));
+        if (!hs) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
+        for (int64_t b = 0; b < batch; ++b) {
+            if (hs) memset(mine, 0, sizeof(float) * 2 * (size_t)per);
+#pragma omp for schedule(dynamic, 2)
+            for (int64_t d = 0; d < dim; ++d) {
+                if (!hs) continue;
+                const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
+                const int64_t grp = (d / H) * L * N;
+                const float *restrict ur = u + row, *restrict dor = dout + row;
+                const float bias = delta_bias ? delta_bias[d] : 0.0f, Dd = D ? D[d] : 0.0f;
+                row_dt(delta + row, bias, softplus, dt, L);
+#define REC_CALL(NN) recompute_row(ur, dt, A + d * N, B + bc, C + bc, hs, as, y, L, NN)
+                DISPATCH_N(N, REC_CALL)
+#undef REC_CALL
+                /* through the gate and the skip: dy = dL/d<C_t, h_t> */
+                float dD_row = 0.0f;
+                if (z) {
+                    const float *restrict zr = z + row;
+                    float *restrict dzr = dz + row;
+#pragma omp simd reduction(+ : dD_row)
+                    for (int64_t t = 0; t < L; ++t) {
+                        const float s = sigmoid_vec(zr[t]), pre = y[t] + Dd * ur[t];
+                        dy[t] = dor[t] * zr[t] * s;
+                        dzr[t] = dor[t] * pre * s * (1.0f + zr[t] * (1.0f - s));
+                        dD_row += dy[t] * ur[t];
+                    }
+                } else {
+#pragma omp simd reduction(+ : dD_row)
+                    for (int64_t t = 0; t < L; ++t) {
+                        dy[t] = dor[t];
+                        dD_row += dy[t] * ur[t];
+                    }
+                }
+                float *restrict dur = du + row, *restrict ddr = ddelta + row;
+#define ADJ_CALL(NN)                                                                       \
+    adjoint_row(ur, dt, A + d * N, B + bc, C + bc, dy, dlast ? dlast + (b * dim + d) * N : NULL, \
+                hs, as, dur, ddr, dA + d * N, mine + grp, mine + per + grp, L, NN)
+                DISPATCH_N(N, ADJ_CALL)
+#undef ADJ_CALL
+                if (D) {
+#pragma omp simd
+                    for (int64_t t = 0; t < L; ++t) dur[t] += Dd * dy[t];
+                    dD[d] += dD_row;
+                }
+                if (softplus) {
+                    const float *restrict dr = delta + row;
+#pragma omp simd
+                    for (int64_t t = 0; t < L; ++t) {
+                        const float x = dr[t] + bias;
+                        ddr[t] *= x > 20.0f ? 1.0f : sigmoid_vec(x);
+                    }
+                }
+                if (ddelta_bias) {
+                    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t t = 0; t < L; ++t) s += ddr[t];
+                    ddelta_bias[d] += s;
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < per; ++i) {
+                float sb = 0.0f, sc = 0.0f;
+                for (int k = 0; k < nthreads; ++k) {
+                    sb += acc[(size_t)k * 2 * (size_t)per + (size_t)i];
+                    sc += acc[(size_t)k * 2 * (size_t)per + (size_t)per + (size_t)i];
+                }
+                dB[b * per + i] = sb;
+                dC[b * per + i] = sc;
+            }
+        }
+        free(hs);
+        FTZ_END
+    }
+    free(acc);
+    return failed;
+}
