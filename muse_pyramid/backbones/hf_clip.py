@@ -48,7 +48,8 @@ def hf_clip_tokens(model: nn.Module, pixel_values: torch.Tensor, interpolate_pos
     require("transformers")
     pixel_values = check_images(pixel_values, "pixel_values")
     vision, projection = _vision_parts(model)
-    out = vision(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True)
+    extra = {"interpolate_pos_encoding": True} if interpolate_pos_encoding else {}  # transformers >= 4.44
+    out = vision(pixel_values=pixel_values, return_dict=True, **extra)
     return projection(vision.post_layernorm(out.last_hidden_state))
 
 

@@ -46,7 +46,8 @@ def open_clip_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
             f"model must be an open_clip CLIP ViT or its .visual (VisionTransformer), got {type(visual).__name__}; "
             "ResNet and timm-tower models have no CLS token map"
         )
-    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+    averaged = getattr(visual, "global_average_pool", False)  # open_clip < 2.23 spelled pool_type='avg' so
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or averaged:
         raise ValueError(
             f"model.visual pools with pool_type={getattr(visual, 'pool_type', None)!r} / an attention pooler, "
             "so its token 0 is not its image embedding; only CLS-token ('tok') pooling is supported"
@@ -58,7 +59,7 @@ def open_clip_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     x = visual.patch_dropout(x)
     x = visual.ln_pre(x)
-    if getattr(visual.transformer, "batch_first", True):
+    if getattr(visual.transformer, "batch_first", False):
         x = visual.transformer(x)
     else:  # open_clip < 2.24 runs its transformer sequence-first
         x = visual.transformer(x.transpose(0, 1)).transpose(0, 1)

@@ -37,15 +37,16 @@ def timm_clip_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     images = check_images(images)
     if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer (a *_clip_* ViT), got {type(model).__name__}")
-    if model.attn_pool is not None or model.global_pool != "token" or model.num_prefix_tokens != 1:
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None or model.global_pool != "token" or model.num_prefix_tokens != 1:
         raise ValueError(
             f"model pools with global_pool={model.global_pool!r} over {model.num_prefix_tokens} prefix tokens"
-            f"{' and an attention pooler' if model.attn_pool is not None else ''}; "
+            f"{' and an attention pooler' if attn_pool is not None else ''}; "
             "expected global_pool='token' with one class token, as timm's CLIP ViTs have"
         )
     x = model.forward_features(images)  # (N, 1+H*W, width), after the final norm
     # forward_head is pool -> fc_norm -> head_drop -> head; each but the pool acts per token.
-    return model.head(model.head_drop(model.fc_norm(x)))
+    return model.head(getattr(model, "head_drop", nn.Identity())(model.fc_norm(x)))
 
 
 def openai_to_timm_state_dict(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
