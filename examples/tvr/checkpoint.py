@@ -1,0 +1,108 @@
+"""Training checkpoints: written atomically every epoch, read back with `weights_only=True`.
+
+A checkpoint holds only tensors and plain containers of primitives (so the safe loader accepts it):
+model, optimizer, scheduler and grad-scaler states, the RNG states of python / numpy / torch / CUDA
+(as tensors and lists), the epoch and step counters, the best validation score so far, the head's
+config and the run's arguments. Resuming from the checkpoint of epoch e restores every RNG, so the
+next epochs draw exactly what an uninterrupted run would have drawn.
+Tests: tests/examples/test_checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+__all__ = ["capture_rng_state", "restore_rng_state", "save_atomic", "load_checkpoint", "to_plain",
+           "model_state_dict", "CHECKPOINT_NAME", "BEST_NAME"]
+
+CHECKPOINT_NAME = "checkpoint_last.pt"  # full training state, rewritten every epoch
+BEST_NAME = "model_best.pt"  # weights + configs of the epoch with the best validation score
+
+PathLike = Union[str, os.PathLike]
+
+
+def to_plain(obj: Any) -> Any:
+    """Recursively turn paths, tuples' contents, numpy scalars/arrays and dataclass-free objects into
+    primitives / tensors that `torch.load(weights_only=True)` accepts."""
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {str(k) if not isinstance(k, (int, str)) else k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    raise TypeError(f"cannot store a {type(obj).__name__} in a weights_only checkpoint: {obj!r}")
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """The python, numpy, torch and (if present) CUDA RNG states as tensors and lists."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict of `model`, unwrapping DDP (no `module.` prefix)."""
+    return getattr(model, "module", model).state_dict()
+
+
+def save_atomic(obj: Mapping[str, Any], path: PathLike) -> Path:
+    """`torch.save` to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A run killed while saving leaves the previous checkpoint intact. Refuses objects that the
+    `weights_only` loader would reject (checked before anything is written).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = to_plain(obj)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(plain, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.device]] = "cpu") -> Dict[str, Any]:
+    """`torch.load(path, weights_only=True)`; a missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=True)

@@ -1,0 +1,225 @@
+"""Command line of `examples/clip4clip_<dataset>.py`: CLIP4Clip's flag names, the published defaults.
+
+Modes (exactly one): `--do_train` (train, select on validation, test once), `--do_eval` (evaluate
+`--init_model`), `--validate` (or a leading `validate` word: count the files before spending GPU hours)
+and `--demo` (synthetic data, small random CLIP, CPU, a few minutes).
+
+Per-dataset defaults follow the published recipe (CLIP4Clip's README and MUSE's scripts); a flag given
+on the command line always wins. Flags of CLIP4Clip that have no effect here are accepted so existing
+scripts run; a non-default value of one we do not implement is an error rather than silently ignored.
+Tests: tests/examples/test_cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+from muse_pyramid.config import AGGREGATIONS, MIXERS
+
+from .model import SIM_HEADERS
+
+__all__ = ["RECIPES", "build_parser", "parse_args", "main"]
+
+logger = logging.getLogger(__name__)
+
+_COMMON = {"batch_size_val": 16, "epochs": 5, "lr": 1e-4, "coef_lr": 1e-3, "feature_framerate": 1,
+           "slice_framepos": 2}
+#: Published settings per data set (global batch, i.e. summed over all processes).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "msrvtt": {**_COMMON, "max_words": 32, "max_frames": 12, "batch_size": 128},
+    "didemo": {**_COMMON, "max_words": 64, "max_frames": 64, "batch_size": 64},
+    "activitynet": {**_COMMON, "max_words": 64, "max_frames": 64, "batch_size": 64},
+}
+#: Default head learning-rate multiplier per video head (MUSE: x10; CLIP4Clip's seqTransf: x1).
+HEAD_LR_MULT = {"MUSE": 10.0, "seqTransf": 1.0, "meanP": 1.0}
+#: CLIP4Clip flags accepted for compatibility, with the only value we support (None: any value, ignored).
+_COMPAT = {"loose_type": None, "linear_patch": "2d", "datatype": None, "n_display": None, "local_rank": None,
+           "freeze_layer_num": 0, "train_frame_order": 0, "eval_frame_order": 0, "cache_dir": None,
+           "task_type": None, "video_dim": None, "n_gpu": None, "world_size": None, "rank": None,
+           "text_num_hidden_layers": None, "visual_num_hidden_layers": None, "margin": None,
+           "hard_negative_rate": None, "negative_weighting": None, "n_pair": None, "resume_model": None,
+           "do_pretrain": None, "do_lower_case": None}
+
+
+def _floats(text: str) -> List[float]:
+    return [float(x) for x in text.replace(",", " ").split()]
+
+
+def build_parser(dataset: str) -> argparse.ArgumentParser:
+    if dataset not in RECIPES:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(RECIPES)}")
+    p = argparse.ArgumentParser(
+        prog=f"clip4clip_{dataset}.py",
+        description=f"CLIP4Clip + MUSE text-video retrieval on {dataset} (defaults: the published recipe).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    mode = p.add_argument_group("mode (choose one)")
+    mode.add_argument("--do_train", action="store_true", help="train, select on validation, test once")
+    mode.add_argument("--do_eval", action="store_true", help="evaluate --init_model on --eval_split")
+    mode.add_argument("--validate", action="store_true", help="count videos/captions/files of every split")
+    mode.add_argument("--demo", action="store_true",
+                      help="synthetic MSR-VTT-format data + small random CLIP + MUSE on CPU (a few minutes)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_path", help="annotation folder (or MSRVTT_data.json itself)")
+    data.add_argument("--features_path", help="video folder")
+    data.add_argument("--train_csv", help="MSR-VTT training list (default MSRVTT_train.9k.csv)")
+    data.add_argument("--val_csv", help="MSR-VTT held-out csv for model selection (default: none; CLIP4Clip "
+                                        "used the test csv, which is not used for selection here)")
+    data.add_argument("--test_csv", help="MSR-VTT test csv (default MSRVTT_JSFUSION_test.csv, 1k-A)")
+    data.add_argument("--expand_msrvtt_sentences", action=argparse.BooleanOptionalAction, default=True,
+                      help="MSR-VTT: every caption is a training sample (published); --no-... draws one per video")
+    data.add_argument("--max_words", type=int)
+    data.add_argument("--max_frames", type=int)
+    data.add_argument("--feature_framerate", type=int)
+    data.add_argument("--slice_framepos", type=int, choices=(0, 1, 2))
+    data.add_argument("--skip_broken_videos", action="store_true",
+                      help="skip (and count) missing/undecodable videos instead of failing")
+    data.add_argument("--num_workers", "--num_thread_reader", dest="num_workers", type=int, default=4)
+    data.add_argument("--eval_split", default="test", choices=("train", "val", "test"), help="--do_eval split")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained_clip_name", default="ViT-B/32",
+                       help="ViT-B/32, ViT-B/16 (OpenAI file in --clip_weights_dir) or a path to weights")
+    model.add_argument("--clip_weights_dir", default=os.environ.get("MUSE_PYRAMID_CLIP_DIR"),
+                       help="folder with OpenAI's ViT-B-32.pt etc. (env MUSE_PYRAMID_CLIP_DIR)")
+    model.add_argument("--random_init_clip", action="store_true", help="random CLIP weights (explicitly only)")
+    model.add_argument("--small_clip", type=json.loads, default=None,
+                       help="JSON kwargs of a small random CLIP (build_small_clip), for demos/tests")
+    model.add_argument("--sim_header", default="MUSE", choices=SIM_HEADERS)
+    model.add_argument("--muse_scales", type=_floats, default=[0.5, 1.0, 2.0], help='e.g. "0.5,1,2"')
+    model.add_argument("--muse_aggregation", default="scale_wise", choices=AGGREGATIONS)
+    model.add_argument("--muse_depth", type=int, default=4)
+    model.add_argument("--muse_mixer", default="bimamba", choices=MIXERS)
+    model.add_argument("--muse_d_state", type=int, default=16)
+    model.add_argument("--muse_dropout", type=float, default=0.1)
+    model.add_argument("--cross_num_hidden_layers", type=int, default=4, help="seqTransf layers")
+    model.add_argument("--init_model", help="weights to start from / evaluate (ours, CLIP4Clip's or MUSE's)")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--batch_size", type=int, help="GLOBAL batch (split over processes)")
+    opt.add_argument("--batch_size_val", type=int, help="per-process evaluation batch")
+    opt.add_argument("--epochs", type=int)
+    opt.add_argument("--lr", type=float)
+    opt.add_argument("--coef_lr", type=float, help="CLIP lr = lr * coef_lr")
+    opt.add_argument("--head_lr_mult", type=float, help="head lr = lr * this (default: 10 MUSE, 1 seqTransf)")
+    opt.add_argument("--warmup_proportion", type=float, default=0.1)
+    opt.add_argument("--max_grad_norm", type=float, default=1.0)
+    opt.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1,
+                     help="micro-batches per batch (gradient caching: same loss as the full batch)")
+    opt.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="AMP on CUDA")
+    opt.add_argument("--fp16", action="store_true", help="CLIP4Clip's flag: same as --precision fp16")
+    opt.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in CLIP")
+    opt.add_argument("--frame_chunk_size", type=int, help="encode at most this many frames per CLIP call")
+    opt.add_argument("--seed", type=int, default=42)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--output_dir", help=f"default runs/{dataset}_<sim_header>")
+    run.add_argument("--resume", nargs="?", const="auto",
+                     help="continue from <output_dir>/checkpoint_last.pt (or the given checkpoint)")
+    run.add_argument("--no_val", dest="do_val", action="store_false", help="no per-epoch validation")
+    run.add_argument("--no_test", dest="do_test", action="store_false", help="skip the final test evaluation")
+    run.add_argument("--dsl", action="store_true", help="also report dual-softmax re-scored numbers")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    run.add_argument("--no_progress", action="store_true", help="no progress bars")
+    run.add_argument("--log_level", default="INFO")
+
+    compat = p.add_argument_group("CLIP4Clip flags accepted for compatibility")
+    for name in _COMPAT:
+        compat.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(dataset=dataset)
+    return p
+
+
+def _apply_compat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name, supported in _COMPAT.items():
+        value = getattr(args, name)
+        if value is None or supported is None:
+            continue
+        if str(value) != str(supported):
+            parser.error(f"--{name} {value} is not supported here (only {supported})")
+    if args.fp16:
+        args.precision = "fp16"
+
+
+def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse `argv` and fill unset options from `RECIPES[dataset]`; validates flag combinations."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "validate":
+        argv = ["--validate"] + argv[1:]
+    parser = build_parser(dataset)
+    args = parser.parse_args(argv)
+    _apply_compat(args, parser)
+    for key, value in RECIPES[dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.head_lr_mult is None:
+        args.head_lr_mult = HEAD_LR_MULT[args.sim_header]
+    modes = [m for m in ("do_train", "do_eval", "validate", "demo") if getattr(args, m)]
+    if len(modes) != 1:
+        parser.error(f"choose exactly one of --do_train, --do_eval, --validate, --demo (got {modes or 'none'})")
+    if not args.demo and (not args.data_path or not args.features_path):
+        parser.error("--data_path and --features_path are required (or run --demo)")
+    if args.output_dir is None and not args.demo:
+        args.output_dir = os.path.join("runs", f"{dataset}_{args.sim_header}")
+    if args.random_init_clip and args.small_clip is not None:
+        parser.error("--random_init_clip and --small_clip are exclusive")
+    for name in ("max_words", "max_frames", "batch_size", "batch_size_val", "epochs", "grad_accum",
+                 "muse_depth", "cross_num_hidden_layers"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from .build import data_options, dataset_module
+
+    try:
+        from .data.validate import validate
+    except ImportError:  # older tree without the validate module: use the readers' scan directly
+        validate = None
+    status = 0
+    for split in ("train", "val", "test"):
+        if validate is not None:
+            report = validate(args.dataset, args.data_path, args.features_path, split, **data_options(args))
+        else:
+            report = dataset_module(args.dataset).scan(args.data_path, args.features_path, split,
+                                                       **data_options(args))
+            print(json.dumps({k: v for k, v in report.as_dict().items() if not k.endswith("_names")}))
+        status |= int(bool(getattr(report, "missing", []) or (isinstance(report, dict) and report.get("missing"))))
+    return status
+
+
+def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `examples/clip4clip_<dataset>.py`; returns a process exit status."""
+    args = parse_args(dataset, argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.validate:
+        return _run_validate(args)
+    if args.demo:
+        from .demo import run_demo
+
+        run_demo(output_dir=args.output_dir, seed=args.seed, progress=not args.no_progress)
+        return 0
+
+    from .distributed import cleanup_distributed, init_distributed
+
+    info = init_distributed(args.device)
+    try:
+        if args.do_train:
+            from .train import train
+
+            train(args, info)
+        else:
+            from .evaluate import run_eval
+
+            run_eval(args, info)
+    finally:
+        cleanup_distributed()
+    return 0

@@ -1,0 +1,203 @@
+"""Retrieval evaluation: encode every clip once, score all texts against the cached embeddings.
+
+The public release re-ran its head for every batch of texts; here each distinct clip of a split goes
+through CLIP and the head exactly once (sharded over the processes under torchrun), its normalised
+embedding is kept, and the (texts x clips) similarity is computed in row blocks. Metrics follow
+`metrics.py` (pessimistic tie policy); dual-softmax (DSL) numbers are reported beside, never instead of,
+the plain ones. Shapes: Nt texts, Nv distinct clips, D embedding width.
+Tests: tests/examples/test_evaluate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .distributed import DistInfo, make_loader
+from .metrics import chunked_similarity, compute_metrics, dual_softmax, format_table
+from .model import CLIP4Clip
+
+__all__ = ["encode_videos", "encode_texts", "evaluate_samples", "same_samples", "write_results", "results_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def same_samples(a: Sequence, b: Sequence) -> bool:
+    """True when two splits hold the same (video, text) pairs, e.g. MSR-VTT's val defaulting to test."""
+    key = lambda s: (s.video_id, s.text, s.start, s.end)  # noqa: E731
+    return sorted(map(key, a)) == sorted(map(key, b))
+
+
+def _gather_rows(index: torch.Tensor, rows: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """Place `rows (n, D)` at positions `index (n,)` of a `(total, D)` tensor, merged over processes."""
+    if info.distributed:
+        sizes = [torch.zeros((), dtype=torch.long, device=rows.device) for _ in range(info.world_size)]
+        dist.all_gather(sizes, torch.tensor(rows.shape[0], device=rows.device))
+        n_max = int(max(int(s) for s in sizes))
+        pad_rows = rows.new_zeros(n_max, rows.shape[1])
+        pad_rows[: rows.shape[0]] = rows
+        pad_index = index.new_full((n_max,), -1)
+        pad_index[: index.shape[0]] = index
+        all_rows = [torch.empty_like(pad_rows) for _ in range(info.world_size)]
+        all_index = [torch.empty_like(pad_index) for _ in range(info.world_size)]
+        dist.all_gather(all_rows, pad_rows)
+        dist.all_gather(all_index, pad_index)
+        rows, index = torch.cat(all_rows), torch.cat(all_index)
+        keep = index >= 0
+        rows, index = rows[keep], index[keep]
+    out = rows.new_zeros(total, rows.shape[1])
+    seen = torch.zeros(total, dtype=torch.bool, device=rows.device)
+    out[index] = rows
+    seen[index] = True
+    if not bool(seen.all()):
+        missing = (~seen).nonzero().flatten().tolist()
+        raise RuntimeError(f"{len(missing)} clips were not encoded (items {missing[:10]}); a video failed to "
+                           "decode during evaluation")
+    return out
+
+
+@torch.no_grad()
+def encode_videos(model: CLIP4Clip, dataset, info: DistInfo, *, batch_size: int, num_workers: int = 0,
+                  progress: bool = True, desc: str = "videos") -> torch.Tensor:
+    """L2-normalised embedding of every item of `dataset` (a `RetrievalDataset` of distinct clips).
+
+    Each process encodes its shard once; the result `(len(dataset), D)` (float32, on the model's device)
+    is identical on every process.
+    """
+    from tqdm.auto import tqdm
+
+    loader = make_loader(dataset, batch_size, info, train=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    index, rows = [], []
+    for batch in tqdm(loader, desc=desc, disable=not (progress and info.is_main), leave=False, dynamic_ncols=True):
+        video = batch["video"].to(info.device, non_blocking=True)
+        mask = batch["video_mask"].to(info.device, non_blocking=True)
+        rows.append(model.encode_video(video, mask).float())
+        index.append(torch.as_tensor(batch["index"], device=info.device))
+    model.train(was_training)
+    return _gather_rows(torch.cat(index), torch.cat(rows), len(dataset), info)
+
+
+@torch.no_grad()
+def encode_texts(model: CLIP4Clip, tokenize: Callable[[List[str]], torch.Tensor], texts: Sequence[str],
+                 device: torch.device, *, batch_size: int) -> torch.Tensor:
+    """L2-normalised embeddings `(Nt, D)` of `texts` (no video is decoded)."""
+    was_training = model.training
+    model.eval()
+    out = [model.encode_text(tokenize(list(texts[i : i + batch_size])).to(device)).float()
+           for i in range(0, len(texts), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def evaluate_samples(
+    model: CLIP4Clip,
+    samples: Sequence,
+    tokenize: Callable[[List[str]], torch.Tensor],
+    frames,
+    info: DistInfo,
+    *,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    skip_broken: bool = False,
+    dsl: bool = False,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    desc: str = "eval",
+) -> Dict[str, Any]:
+    """Metrics of `model` on a split's `samples` (t2v and v2t; DSL beside them when `dsl`).
+
+    Returns a dict with `metrics`, optionally `dsl_metrics`, `n_texts`, `n_videos`, `skipped` and the
+    cached `text (Nt, D)`, `video (Nv, D)` embeddings and `gt (Nt,)` (clip index of every text).
+    """
+    from .data.base import RetrievalDataset, group_by_video
+
+    probe = RetrievalDataset(samples, tokenize, frames, skip_broken=skip_broken)
+    samples = probe.samples
+    clips, gt = group_by_video(samples)
+    video_ds = RetrievalDataset(clips, tokenize, frames, skip_broken=False)
+    video = encode_videos(model, video_ds, info, batch_size=batch_size, num_workers=num_workers,
+                          progress=progress, desc=f"{desc} videos")
+    text = encode_texts(model, tokenize, [s.text for s in samples], info.device, batch_size=max(batch_size, 64))
+    sim = chunked_similarity(text, video, chunk_size)
+    gt_or_none = None if (len(clips) == len(samples) and bool((gt == torch.arange(len(gt))).all())) else gt
+    result: Dict[str, Any] = {"metrics": compute_metrics(sim, gt_or_none), "n_texts": len(samples),
+                              "n_videos": len(clips), "skipped": len(probe.skipped)}
+    if dsl:
+        scale = float(model.logit_scale.exp())
+        result["dsl_metrics"] = compute_metrics(dual_softmax(sim, scale), gt_or_none)
+        result["dsl_logit_scale"] = scale
+    result.update(text=text.cpu(), video=video.cpu(), gt=gt)
+    return result
+
+
+def results_table(result: Mapping[str, Any], title: Optional[str] = None) -> str:
+    """Readable table: plain t2v / v2t rows, then the DSL rows (labelled) when present."""
+    rows = dict(result["metrics"])
+    if "dsl_metrics" in result:
+        rows.update({f"{k} (DSL)": v for k, v in result["dsl_metrics"].items()})
+    return format_table(rows, title=title)
+
+
+def write_results(results: Mapping[str, Any], out_dir: Path, *, title: str, name: str = "results") -> str:
+    """Write `<name>.json` and `<name>.txt` (the table) under `out_dir`; returns and prints the table."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    test = results.get("test") or results
+    table = results_table(test, title=title)
+    note = f"{test.get('n_texts')} texts x {test.get('n_videos')} videos; ties count against the model"
+    if "dsl_metrics" in test:
+        note += "; DSL = dual-softmax re-scoring over the whole test set (not comparable to plain numbers)"
+    with open(out_dir / f"{name}.json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2, default=str)
+    (out_dir / f"{name}.txt").write_text(f"{table}\n{note}\n", encoding="utf-8")
+    print(f"{table}\n{note}", flush=True)
+    return table
+
+
+def run_eval(args, info: DistInfo) -> Dict[str, Any]:
+    """`--do_eval`: evaluate `--init_model` (or a freshly built model) on the test split; write results."""
+    from .build import (
+        build_model_from_args,
+        build_model_from_state,
+        frame_config,
+        load_model_state,
+        load_samples,
+        make_tokenizer,
+    )
+
+    if args.init_model:
+        state, config = load_model_state(args.init_model)
+        if config is None:  # a CLIP4Clip / release checkpoint: the head is described by the flags
+            from .build import muse_options
+
+            config = {"sim_header": args.sim_header, "muse": muse_options(args), "max_frames": args.max_frames}
+            if args.sim_header == "MUSE":
+                config["muse"]["dim"] = int(state["clip.visual.proj"].shape[1])
+        model = build_model_from_state(state, config, frame_chunk_size=args.frame_chunk_size)
+    else:
+        logger.warning("--do_eval without --init_model: evaluating the untrained model")
+        model = build_model_from_args(args)
+    model.to(info.device)
+    tokenize = make_tokenizer(args.max_words)
+    frames = frame_config(args, model.clip)
+    split = args.eval_split
+    result = evaluate_samples(model, load_samples(args, split), tokenize, frames, info,
+                              batch_size=args.batch_size_val, num_workers=args.num_workers,
+                              skip_broken=args.skip_broken_videos, dsl=args.dsl, progress=not args.no_progress,
+                              desc=split)
+    out = {k: v for k, v in result.items() if k not in ("text", "video", "gt")}
+    if info.is_main:
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"text": result["text"], "video": result["video"], "gt": result["gt"]},
+                   out_dir / f"embeddings_{split}.pt")
+        write_results(out, out_dir, title=f"{args.dataset} {split} ({model.sim_header}, "
+                                          f"{args.init_model or 'untrained'})", name=f"eval_{split}")
+    return out
