@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+from einops import rearrange, repeat
 from torch import nn
 
 from .._validate import check_tensor
@@ -45,6 +46,22 @@ def check_images(images: object, name: str = "images") -> torch.Tensor:
     if images.shape[1] != 3:
         raise ValueError(f"{name} must have shape (N, 3, H, W) with 3 channels, got shape {tuple(images.shape)}")
     return images
+
+
+def embed_patches(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """OpenAI-style ViT input: ``conv1`` patches, the class token first, plus ``positional_embedding``.
+
+    Args:
+        visual: a vision tower with OpenAI's ``conv1`` / ``class_embedding`` / ``positional_embedding``
+            (OpenAI, CLIP4Clip, open_clip).
+        images: `(N, 3, H, W)` in the dtype of ``conv1``.
+
+    Returns:
+        `(N, 1+H'*W', width)`, before ``ln_pre``.
+    """
+    x = rearrange(visual.conv1(images), "n d h w -> n (h w) d")
+    cls = repeat(visual.class_embedding, "d -> n 1 d", n=x.shape[0]).to(x.dtype)
+    return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
 class QuickGELUMismatchWarning(UserWarning):

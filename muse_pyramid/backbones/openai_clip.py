@@ -13,10 +13,9 @@ Tests: ``tests/backbones/test_openai_clip.py``, ``tests/backbones/test_weights.p
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
 from torch import nn
 
-from ._common import check_images
+from ._common import check_images, embed_patches
 
 __all__ = ["openai_clip_tokens"]
 
@@ -45,11 +44,7 @@ def openai_clip_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
             f"visual must be an OpenAI-layout CLIP ViT (or a CLIP holding one as .visual); "
             f"{type(visual).__name__} lacks {missing}"
         )
-    x = visual.conv1(images.to(visual.conv1.weight.dtype))
-    x = rearrange(x, "n d h w -> n (h w) d")
-    cls = repeat(visual.class_embedding, "d -> n 1 d", n=x.shape[0]).to(x.dtype)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    x = visual.ln_pre(x)
+    x = visual.ln_pre(embed_patches(visual, images.to(visual.conv1.weight.dtype)))
     x = visual.transformer(x.transpose(0, 1)).transpose(0, 1)  # NLD -> LND -> NLD
     x = visual.ln_post(x)
     if visual.proj is not None:

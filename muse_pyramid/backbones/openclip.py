@@ -14,10 +14,9 @@ import logging
 from typing import Dict, Optional
 
 import torch
-from einops import rearrange, repeat
 from torch import nn
 
-from ._common import check_images, check_quick_gelu, require
+from ._common import check_images, check_quick_gelu, embed_patches, require
 from .weights import check_openai_vit, is_openai_release, strip_sentinels
 
 __all__ = ["build_open_clip_from_openai", "open_clip_tokens"]
@@ -46,18 +45,19 @@ def open_clip_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
             f"model must be an open_clip CLIP ViT or its .visual (VisionTransformer), got {type(visual).__name__}; "
             "ResNet and timm-tower models have no CLS token map"
         )
-    averaged = getattr(visual, "global_average_pool", False)  # open_clip < 2.23 spelled pool_type='avg' so
+    averaged = getattr(visual, "global_average_pool", False)  # older open_clip's name for pool_type='avg'
     if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" or averaged:
         raise ValueError(
             f"model.visual pools with pool_type={getattr(visual, 'pool_type', None)!r} / an attention pooler, "
             "so its token 0 is not its image embedding; only CLS-token ('tok') pooling is supported"
         )
+    if visual.training and not isinstance(visual.patch_dropout, nn.Identity):
+        raise ValueError(
+            "model.visual drops patch tokens in training mode (patch_dropout > 0), so its map has no full grid; "
+            "build it with patch_dropout=0 for MUSE"
+        )
     # The same steps as VisionTransformer.forward (and its `_embeds`), keeping every token.
-    x = visual.conv1(images)
-    x = rearrange(x, "n d h w -> n (h w) d")
-    cls = repeat(visual.class_embedding, "d -> n 1 d", n=x.shape[0]).to(x.dtype)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    x = visual.patch_dropout(x)
+    x = visual.patch_dropout(embed_patches(visual, images))
     x = visual.ln_pre(x)
     if getattr(visual.transformer, "batch_first", False):
         x = visual.transformer(x)

@@ -219,15 +219,16 @@ def load_openai_weights(
             "VisionTransformer, a Hugging Face CLIPVisionModelWithProjection/CLIPModel or an OpenAI-layout CLIP"
         )
     own = model.state_dict()
-    target = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in target.items()}
-    result = model.load_state_dict(target, strict=False)
+    unexpected = [k for k in target if k not in own]
+    missing = [k for k in own if k not in target and k not in OPENAI_SENTINEL_KEYS and not k.endswith("position_ids")]
     if family == "transformers":  # the text tower of a CLIPModel is not filled
-        missing = [k for k in result.missing_keys if k.startswith(("vision_model.", "visual_projection."))]
-    else:
-        missing = [k for k in result.missing_keys if k not in OPENAI_SENTINEL_KEYS]
-    if strict and (missing or result.unexpected_keys):
+        missing = [k for k in missing if k.startswith(("vision_model.", "visual_projection."))]
+    if strict and (missing or unexpected):
         raise ValueError(
             f"state_dict does not fit {type(model).__name__}: missing keys {missing[:8]}, "
-            f"unexpected keys {result.unexpected_keys[:8]} (is the architecture the same as the weights'?)"
+            f"unexpected keys {unexpected[:8]} (is the architecture the same as the weights'?)"
         )
+    # Checked above, so a non-strict load here only skips what was meant to be skipped.
+    target = {k: v.to(own[k].dtype) if v.is_floating_point() else v for k, v in target.items() if k in own}
+    model.load_state_dict(target, strict=False)
     return model

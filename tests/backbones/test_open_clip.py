@@ -52,6 +52,9 @@ def test_bad_input():
         open_clip_tokens(model, torch.zeros(1, 1, 64, 64))
     with pytest.raises(TypeError, match="open_clip CLIP ViT or its .visual.*got Linear"):
         open_clip_tokens(torch.nn.Linear(2, 2), torch.zeros(1, 3, 64, 64))
+    dropping = small_clip(patch=32, image=64, patch_dropout=0.5).train()
+    with pytest.raises(ValueError, match=r"drops patch tokens in training mode \(patch_dropout > 0\)"):
+        open_clip_tokens(dropping, torch.zeros(1, 3, 64, 64))
     avg = small_clip(patch=32, image=64, pool_type="avg")
     with pytest.raises(ValueError, match="pool_type='avg'"):
         open_clip_tokens(avg, torch.zeros(1, 3, 64, 64))

@@ -149,6 +149,20 @@ def test_plain_state_dicts(tmp_path, openai_archive):
         load_openai_state_dict(tmp_path / "missing.pt")
 
 
+def test_architecture_mismatch_is_rejected_before_loading(openai_archive):
+    path, _ = openai_archive
+    state_dict = load_openai_state_dict(path)
+    deeper = make_openai_clip(seed=4, vision_layers=3)
+    before = deeper.visual.conv1.weight.clone()
+    with pytest.raises(ValueError, match=r"does not fit OpenAICLIP: missing keys \['visual.transformer.resblocks.2"):
+        load_openai_weights(deeper, state_dict)
+    assert torch.equal(deeper.visual.conv1.weight, before)  # nothing was half-loaded
+    load_openai_weights(deeper, state_dict, strict=False)
+    torch.testing.assert_close(deeper.visual.conv1.weight, state_dict["visual.conv1.weight"], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="expected an open_clip CLIP"):
+        load_openai_weights(torch.nn.Linear(2, 2), state_dict)
+
+
 def test_non_vit_state_dict_is_rejected():
     pytest.importorskip("open_clip")
     with pytest.raises(ValueError, match=r"not an OpenAI-layout CLIP ViT: missing \['visual.conv1.weight'"):
