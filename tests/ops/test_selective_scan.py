@@ -1,11 +1,23 @@
-"""selective_scan against a float64 reference written from the recurrence, plus dispatch and errors."""
+"""selective_scan against a float64 reference written from the recurrence, for every CPU backend.
+
+Covers values, last state and every gradient (including through last_state), chunk boundaries of
+the PyTorch path, numerical safety, autocast, dispatch (argument, environment, fallbacks) and
+the error messages.
+"""
+
+import importlib
+import logging
 
 import pytest
 import torch
 
-from muse_pyramid.ops import scan_backend, selective_scan, selective_scan_ref
+import muse_pyramid.ops._chunked_scan as chunked_module
+from muse_pyramid.ops import _cpu_kernel, scan_backend, selective_scan, selective_scan_ref
 
-CPU_BACKENDS = ["torch", "compiled"]
+CPU_BACKENDS = ["torch"] + (["compiled"] if _cpu_kernel.load_kernel() is not None else [])
+# the module, not the function of the same name that muse_pyramid.ops exports
+scan_module = importlib.import_module("muse_pyramid.ops.selective_scan")
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 def scan_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -19,11 +31,14 @@ def scan_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=
     if delta_bias is not None:
         delta = delta + delta_bias.double()[:, None]
     if delta_softplus:
-        delta = torch.log1p(torch.exp(delta))
+        delta = torch.where(delta > 20, delta, torch.log1p(torch.exp(delta)))
     h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
     ys = []
     for t in range(length):
-        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B_d[..., t] * u[:, :, t, None]
+        h = (
+            torch.exp(delta[:, :, t, None] * A.double()) * h
+            + delta[:, :, t, None] * B_d[..., t] * u[:, :, t, None]
+        )
         ys.append((h * C_d[..., t]).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
@@ -58,6 +73,45 @@ def assert_rel_close(actual, expected, rtol, atol, name=""):
     )
 
 
+def check_against_reference(
+    inputs, softplus, backend, tolerances, grad_names=NAMES, last_state_grad=True, dtype=torch.float32
+):
+    """Forward values, last state and the gradients of ``grad_names`` against scan_f64."""
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    ours = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
+    ref = {k: v.double().clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
+    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
+    out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
+    assert out.dtype == inputs["u"].dtype and out.shape == inputs["u"].shape
+    assert last.dtype == torch.promote_types(dtype, torch.float32) and last.shape == last_ref.shape
+    rtol, atol = tolerances[dtype]["out"]
+    assert_rel_close(out, out_ref, rtol, atol, "out")
+    assert_rel_close(last, last_ref, rtol, atol, "last_state")
+    if not any(v.requires_grad for v in ours.values()):
+        return
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grad_last = torch.randn(last.shape, generator=g, dtype=torch.float64) if last_state_grad else None
+    outputs, grads = [out], [grad_out.to(out.dtype)]
+    if last_state_grad:
+        outputs, grads = outputs + [last], grads + [grad_last.to(last.dtype)]
+    torch.autograd.backward(outputs, grads)
+    torch.autograd.backward(
+        [out_ref, last_ref] if last_state_grad else [out_ref], [grad_out, grad_last][: len(outputs)]
+    )
+    rtol, atol = tolerances[dtype]["grad"]
+    for name, t in ours.items():
+        if name in grad_names:
+            assert t.grad is not None, f"no gradient for {name}"
+            assert_rel_close(t.grad, ref[name].grad, rtol, atol, f"grad {name}")
+        else:
+            assert t.grad is None
+
+
+# --------------------------------------------------------------------------------------------
+# values and gradients
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize(
     "use_D,use_z,use_bias,softplus,groups",
@@ -66,6 +120,7 @@ def assert_rel_close(actual, expected, rtol, atol, name=""):
         (False, False, False, False, 0),
         (True, False, True, True, 2),
         (False, True, False, True, 4),
+        (True, True, False, False, 1),
     ],
 )
 def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups, tolerances):
@@ -75,41 +130,247 @@ def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups
     for name, flag in (("D", use_D), ("z", use_z), ("delta_bias", use_bias)):
         if not flag:
             inputs[name] = None
-    ours = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    ref = {k: v.double().clone().requires_grad_() for k, v in inputs.items() if v is not None}
-    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
-    out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
+    check_against_reference(inputs, softplus, backend, tolerances)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("return_last_state", [False, True])
+def test_return_last_state_and_optional_last_grad(backend, return_last_state, tolerances):
+    inputs = make_inputs(1, 4, 12, 16)
+    result = selective_scan(
+        **inputs, delta_softplus=True, return_last_state=return_last_state, backend=backend
+    )
+    if return_last_state:
+        out, last = result
+        assert last.shape == (1, 4, 16)
+    else:
+        assert isinstance(result, torch.Tensor) and result.shape == (1, 4, 12)
+    # gradient through out only (last_state unused) must match too
+    check_against_reference(inputs, True, backend, tolerances, last_state_grad=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("grad_names", [("u",), ("A", "B"), ("D", "delta_bias"), ("z", "C", "delta"), ()])
+def test_requires_grad_on_any_subset(backend, grad_names, tolerances):
+    check_against_reference(
+        make_inputs(2, 6, 9, 8, groups=3), True, backend, tolerances, grad_names=grad_names
+    )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("batch,length", [(1, 1), (1, 2), (3, 1)])
+def test_tiny_shapes(backend, batch, length, tolerances):
+    check_against_reference(make_inputs(batch, 4, length, 4), True, backend, tolerances)
+
+
+@pytest.mark.parametrize("chunk,length", [(7, 20), (7, 21), (16, 5), (16, 1), (1, 4), (4, 37)])
+def test_torch_chunk_boundaries(monkeypatch, chunk, length, tolerances):
+    """L not a multiple of the chunk, L < chunk, L = 1, chunk = 1."""
+    monkeypatch.setattr(chunked_module, "default_chunk_size", lambda _: chunk)
+    check_against_reference(make_inputs(2, 4, length, 4, groups=2), True, "torch", tolerances)
+
+
+def test_default_chunk_size_bounds():
+    assert chunked_module.default_chunk_size(1) == 16
+    assert chunked_module.default_chunk_size(3060) == 55
+    assert chunked_module.default_chunk_size(10**6) == 256
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs(backend):
+    g = torch.Generator().manual_seed(0)
+    inputs = make_inputs(2, 6, 11, 4)
+    strided = {
+        "u": torch.randn(2, 11, 6, generator=g).transpose(1, 2),
+        "delta": torch.rand(2, 6, 22, generator=g)[..., ::2],
+        "B": torch.randn(2, 11, 4, generator=g).transpose(1, 2),
+        "C": torch.randn(4, 2, 11, generator=g).transpose(0, 1),
+        "A": -torch.rand(4, 6, generator=g).t(),
+    }
+    inputs.update(strided)
+    assert not any(t.is_contiguous() for t in strided.values())
+    contiguous = {k: v.contiguous() for k, v in inputs.items()}
+    out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend=backend)
+    out_c, last_c = selective_scan(**contiguous, delta_softplus=True, return_last_state=True, backend=backend)
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    torch.testing.assert_close(last, last_c, rtol=0, atol=0)
+
+
+def test_reference_matches_f64(tolerances):
+    inputs = make_inputs(1, 4, 9, 3, groups=2)
+    out, last = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+    out_ref, last_ref = scan_f64(**inputs, delta_softplus=True)
     rtol, atol = tolerances[torch.float32]["out"]
-    assert out.dtype == torch.float32 and last.shape == (2, 8, 4)
     assert_rel_close(out, out_ref, rtol, atol, "out")
     assert_rel_close(last, last_ref, rtol, atol, "last_state")
-    g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(out.shape, generator=g)
-    out.backward(grad_out)
-    out_ref.backward(grad_out.double())
-    rtol, atol = tolerances[torch.float32]["grad"]
-    for name in ours:
-        assert_rel_close(ours[name].grad, ref[name].grad, rtol, atol, f"grad {name}")
 
 
-def test_reference_matches_f64():
-    inputs = make_inputs(1, 4, 9, 3, groups=2)
-    out = selective_scan_ref(**inputs, delta_softplus=True)
-    torch.testing.assert_close(out.double(), scan_f64(**inputs, delta_softplus=True)[0], rtol=1e-5, atol=1e-5)
+def test_float64_inputs(tolerances):
+    inputs = make_inputs(2, 4, 10, 4, dtype=torch.float64)
+    assert scan_backend(inputs["u"]) == "torch"
+    check_against_reference(inputs, True, None, tolerances, dtype=torch.float64)
 
 
-def test_auto_backend_on_cpu():
-    assert scan_backend(torch.device("cpu")) in CPU_BACKENDS
+# --------------------------------------------------------------------------------------------
+# numerical safety and precision
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("softplus", [False, True])
+def test_extreme_steps_and_decays_stay_finite(backend, softplus, tolerances):
+    """delta in [1e-4, 10] (log-uniform), A down to -100, a few thousand steps."""
+    inputs = extreme_inputs(1, 4, 3000, 8, softplus)
+    ours = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
+    (out.sum() + last.sum()).backward()
+    for name, t in [("out", out), ("last", last)] + [(f"grad {k}", v.grad) for k, v in ours.items()]:
+        assert torch.isfinite(t).all(), f"{name} has NaN/Inf"
+    out_ref, last_ref = scan_f64(
+        **{k: v for k, v in inputs.items() if v is not None}, delta_softplus=softplus
+    )
+    rtol, atol = tolerances[torch.float32]["out"]
+    assert_rel_close(out, out_ref, rtol, atol, "out")
+    assert_rel_close(last, last_ref, rtol, atol, "last_state")
+
+
+def test_longest_sequence_stays_finite(tolerances):
+    """L = 65,920 (64 frames of ViT-B/16): every backend finite, and the backends agree."""
+    inputs = extreme_inputs(1, 2, 65920, 8, softplus=True)
+    results = {}
+    for backend in CPU_BACKENDS:
+        ours = {
+            k: v.clone().requires_grad_(backend == "compiled") for k, v in inputs.items() if v is not None
+        }
+        out, last = selective_scan(**ours, delta_softplus=True, return_last_state=True, backend=backend)
+        if backend == "compiled":  # cheap enough to check the backward at this length
+            (out.sum() + last.sum()).backward()
+            assert all(torch.isfinite(v.grad).all() for v in ours.values())
+        assert torch.isfinite(out).all() and torch.isfinite(last).all()
+        results[backend] = out.detach()
+    rtol, atol = tolerances[torch.float32]["out"]
+    assert_rel_close(results[CPU_BACKENDS[0]], results[CPU_BACKENDS[-1]], rtol, atol, "torch vs compiled")
+
+
+def extreme_inputs(batch, dim, length, n_state, softplus):
+    """Step sizes log-uniform in [1e-4, 10] (after softplus when it is on), A from -1e-3 to -100."""
+    g = torch.Generator().manual_seed(0)
+    inputs = make_inputs(batch, dim, length, n_state, seed=2)
+    log_delta = torch.empty(batch, dim, length).uniform_(-9.2103, 2.3026, generator=g)
+    delta = torch.exp(log_delta)
+    # softplus^-1 so that the final step sizes span the same range
+    inputs["delta"] = torch.log(torch.expm1(delta)) if softplus else delta
+    inputs["delta_bias"] = None
+    inputs["A"] = -torch.logspace(-3, 2, n_state).repeat(dim, 1)
+    return inputs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_autocast_keeps_fp32_state(backend, tolerances):
+    """bf16 inputs under autocast: bf16 output, but the state is fp32 (checked at fp32 precision)."""
+    inputs = make_inputs(2, 4, 500, 8)
+    low = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, last = selective_scan(**low, delta_softplus=True, return_last_state=True, backend=backend)
+    assert out.dtype == torch.bfloat16 and last.dtype == torch.float32
+    out_ref, last_ref = scan_f64(**low, delta_softplus=True)
+    assert_rel_close(last, last_ref, *tolerances[torch.float32]["out"], "last_state")
+    assert_rel_close(out, out_ref, *tolerances[torch.bfloat16]["out"], "out")
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_auto_backend_on_cpu(monkeypatch):
+    monkeypatch.delenv("MUSE_PYRAMID_SCAN_BACKEND", raising=False)
+    monkeypatch.delenv("MUSE_PYRAMID_NO_COMPILE", raising=False)
+    assert scan_backend(torch.device("cpu")) == CPU_BACKENDS[-1]
     assert scan_backend(torch.zeros(1), backend="torch") == "torch"
+    assert scan_backend("cpu", backend="auto") == CPU_BACKENDS[-1]
 
 
 def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("MUSE_PYRAMID_SCAN_BACKEND", "torch")
+    assert scan_backend("cpu") == "torch"
+    assert scan_backend("cpu", backend=CPU_BACKENDS[-1]) == CPU_BACKENDS[-1]  # the argument wins
     monkeypatch.setenv("MUSE_PYRAMID_SCAN_BACKEND", "cuda")
-    with pytest.raises(RuntimeError, match="cuda"):
-        selective_scan(**make_inputs(1, 2, 3, 2))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            selective_scan(**make_inputs(1, 2, 3, 2))
     monkeypatch.setenv("MUSE_PYRAMID_SCAN_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="MUSE_PYRAMID_SCAN_BACKEND.*nonsense"):
         scan_backend("cpu")
+
+
+def test_forced_cuda_without_kernel_names_the_extra(monkeypatch):
+    monkeypatch.setattr(scan_module, "cuda_kernel", lambda *_: None)
+    with pytest.raises(RuntimeError, match=r"pip install muse-pyramid\[cuda\]"):
+        scan_backend("cpu", backend="cuda")
+
+
+def test_no_compile_env_disables_compiled(monkeypatch):
+    monkeypatch.setenv("MUSE_PYRAMID_NO_COMPILE", "1")
+    assert scan_backend("cpu") == "torch"
+    with pytest.raises(RuntimeError, match="MUSE_PYRAMID_NO_COMPILE"):
+        scan_backend("cpu", backend="compiled")
+
+
+def test_compiled_rejects_float64():
+    with pytest.raises(RuntimeError, match="float64"):
+        scan_backend(torch.zeros(1, dtype=torch.float64), backend="compiled")
+
+
+def test_falls_back_when_compiling_fails(monkeypatch, tmp_path, caplog):
+    """No usable compiler: the loader warns and returns None, and auto picks the PyTorch scan."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MUSE_PYRAMID_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="muse_pyramid.ops._cpu_kernel"):
+        assert _cpu_kernel.load_kernel.__wrapped__() is None
+    assert "PyTorch scan" in caplog.text
+    monkeypatch.setattr(scan_module, "load_kernel", lambda: None)
+    assert scan_backend("cpu") == "torch"
+    with pytest.raises(RuntimeError, match="could not be built"):
+        scan_backend("cpu", backend="compiled")
+
+
+@pytest.mark.skipif(not CPU_BACKENDS[-1] == "compiled", reason="no C compiler here")
+def test_kernel_is_compiled_into_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("MUSE_PYRAMID_CACHE_DIR", str(tmp_path))
+    lib = _cpu_kernel.load_kernel.__wrapped__()
+    assert lib is not None
+    cached = list(tmp_path.glob("selective_scan_*.so"))
+    assert len(cached) == 1 and not list(tmp_path.glob("tmp*"))  # no temporary left behind
+    mtime = cached[0].stat().st_mtime_ns
+    assert _cpu_kernel.load_kernel.__wrapped__() is not None  # reused, not rebuilt
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+def test_torch_backend_on_cuda(tolerances):
+    inputs = make_inputs(2, 8, 100, 16, groups=2)
+    cuda_inputs = {k: v.cuda() for k, v in inputs.items()}
+    out = selective_scan(**cuda_inputs, delta_softplus=True, backend="torch")
+    out_ref, _ = scan_f64(**inputs, delta_softplus=True)
+    assert_rel_close(out.cpu(), out_ref, *tolerances[torch.float32]["out"], "out")
+
+
+@requires_cuda
+def test_cuda_kernel_matches_torch_backend():
+    pytest.importorskip("mamba_ssm")
+    inputs = {k: v.cuda() for k, v in make_inputs(2, 8, 100, 16).items()}
+    out = selective_scan(**inputs, delta_softplus=True, backend="cuda")
+    ref = selective_scan(**inputs, delta_softplus=True, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=6e-4, atol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
 
 
 def test_shape_errors_name_the_argument():
@@ -118,11 +379,27 @@ def test_shape_errors_name_the_argument():
         ValueError, match=r"`B` has shape \(2, 3, 5\), expected \(batch, N, L\) = \(2, 4, 5\)"
     ):
         selective_scan(**{**inputs, "B": torch.zeros(2, 3, 5)})
-    with pytest.raises(ValueError, match=r"`A` has shape \(7, 4\)"):
+    with pytest.raises(ValueError, match=r"`A` has shape \(7, 4\), expected \(dim, N\) = \(8, N\)"):
         selective_scan(**{**inputs, "A": torch.zeros(7, 4)})
-    with pytest.raises(ValueError, match=r"`C`.*divisible by G"):
+    with pytest.raises(ValueError, match=r"`C` has shape \(2, 3, 4, 5\).*divisible by G"):
         selective_scan(**{**inputs, "C": torch.zeros(2, 3, 4, 5)})
     with pytest.raises(ValueError, match=r"`u` has shape \(2, 8\), expected \(batch, dim, L\)"):
         selective_scan(**{**inputs, "u": torch.zeros(2, 8)})
+    with pytest.raises(
+        ValueError, match=r"`z` has shape \(2, 8, 4\), expected \(batch, dim, L\) = \(2, 8, 5\)"
+    ):
+        selective_scan(**{**inputs, "z": torch.zeros(2, 8, 4)})
+    with pytest.raises(ValueError, match=r"`D` has shape \(4,\), expected \(dim,\) = \(8,\)"):
+        selective_scan(**{**inputs, "D": torch.zeros(4)})
     with pytest.raises(ValueError, match=r"backend.*'gpu'"):
         selective_scan(**inputs, backend="gpu")
+
+
+def test_type_errors_name_the_argument():
+    inputs = make_inputs(1, 2, 3, 2)
+    with pytest.raises(TypeError, match=r"`A` must be real"):
+        selective_scan(**{**inputs, "A": torch.zeros(2, 2, dtype=torch.complex64)})
+    with pytest.raises(TypeError, match=r"`D` must be a torch.Tensor, got list"):
+        selective_scan(**{**inputs, "D": [1.0, 2.0]})
+    with pytest.raises(TypeError, match=r"`u` must be a floating tensor"):
+        selective_scan(**{**inputs, "u": torch.zeros(1, 2, 3, dtype=torch.long)})
