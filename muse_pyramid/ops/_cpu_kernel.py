@@ -98,10 +98,14 @@ def _compile(compiler: str, flags: tuple, source: bytes, out: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.muse_scan_fwd.argtypes = [p] * 8 + [i32] + [p] * 2 + [i64] * 5 + [i32]
-    lib.muse_scan_fwd.restype = i32
-    lib.muse_scan_bwd.argtypes = [p] * 8 + [i32] + [p] * 10 + [i64] * 5 + [i32]
-    lib.muse_scan_bwd.restype = i32
+    lib.muse_scan_fwd.argtypes = [p] * 8 + [i32] + [p] * 3 + [i64] * 5 + [i32]
+    lib.muse_scan_fwd.restype = None
+    lib.muse_scan_bwd.argtypes = [p] * 8 + [i32] + [p] * 11 + [i64] * 5 + [i32]
+    lib.muse_scan_bwd.restype = None
+    lib.muse_scan_fwd_work_floats.argtypes = [i64]
+    lib.muse_scan_fwd_work_floats.restype = i64
+    lib.muse_scan_bwd_work_floats.argtypes = [i64] * 3
+    lib.muse_scan_bwd_work_floats.restype = i64
     return lib
 
 
@@ -153,13 +157,6 @@ def _like(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else torch.empty_like(t)
 
 
-def _check(status: int, length: int, n_state: int) -> None:
-    if status != 0:
-        raise MemoryError(
-            f"selective_scan: the CPU kernel could not allocate its scratch (L={length}, N={n_state})"
-        )
-
-
 class _CompiledScan(torch.autograd.Function):
     """The whole scan (bias, softplus, recurrence, skip, gate) on contiguous fp32 CPU tensors."""
 
@@ -170,19 +167,19 @@ class _CompiledScan(torch.autograd.Function):
         groups, n_state = B.shape[1], B.shape[3]
         out = torch.empty_like(u)
         last = u.new_empty(batch, dim, n_state)
-        status = lib.muse_scan_fwd(
+        threads = torch.get_num_threads()
+        work = u.new_empty(threads * lib.muse_scan_fwd_work_floats(length))
+        lib.muse_scan_fwd(
             *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
             int(softplus),
-            out.data_ptr(),
-            last.data_ptr(),
+            *map(_ptr, (out, last, work)),
             batch,
             dim,
             length,
             n_state,
             groups,
-            torch.get_num_threads(),
+            threads,
         )
-        _check(status, length, n_state)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.softplus = softplus
         ctx.set_materialize_grads(False)
@@ -196,18 +193,19 @@ class _CompiledScan(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else dout.to(torch.float32).contiguous()
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
         grads = [_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        status = load_kernel().muse_scan_bwd(
+        lib, threads = load_kernel(), torch.get_num_threads()
+        work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups))
+        lib.muse_scan_bwd(
             *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
             int(ctx.softplus),
-            *map(_ptr, [dout, dlast, *grads]),
+            *map(_ptr, [dout, dlast, *grads, work]),
             batch,
             dim,
             length,
             n_state,
             groups,
-            torch.get_num_threads(),
+            threads,
         )
-        _check(status, length, n_state)
         return (*grads, None)
 
 

@@ -16,9 +16,10 @@
  * multiplied; nothing divides by a cumulative decay. dB/dC sum over the channels of a group:
  * each thread accumulates into its own buffer, reduced after every batch element. dA, dD and
  * d(delta_bias) sum over batch and time: one thread owns a channel within a batch element.
+ * All scratch memory comes from the caller (`work`, sized by the *_work_floats functions), so
+ * the library never allocates and its memory shows up in the caller's accounting.
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -196,27 +197,35 @@ static int thread_id(void) {
 #endif
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* entry points; return 0 on success, 1 when memory could not be allocated                    */
+static int team_size(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
 
-int muse_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
-                  const float *C, const float *D, const float *z, const float *delta_bias,
-                  int softplus, float *out, float *last, int64_t batch, int64_t dim, int64_t L,
-                  int64_t N, int64_t G, int nthreads) {
+/* ------------------------------------------------------------------------------------------ */
+/* entry points                                                                               */
+
+/* scratch floats per thread */
+int64_t muse_scan_fwd_work_floats(int64_t L) { return L; }
+int64_t muse_scan_bwd_work_floats(int64_t L, int64_t N, int64_t G) {
+    return (2 * L + 1) * N + 3 * L + 2 * G * L * N;
+}
+
+void muse_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
+                   const float *C, const float *D, const float *z, const float *delta_bias,
+                   int softplus, float *out, float *last, float *work, int64_t batch, int64_t dim,
+                   int64_t L, int64_t N, int64_t G, int nthreads) {
     const int64_t H = dim / G;
-    int failed = 0;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
-        float *dt = (float *)malloc(sizeof(float) * (size_t)L);
-        if (!dt) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        float *dt = work + (size_t)thread_id() * (size_t)muse_scan_fwd_work_floats(L);
 #pragma omp for collapse(2) schedule(dynamic, 4)
         for (int64_t b = 0; b < batch; ++b)
             for (int64_t d = 0; d < dim; ++d) {
-                if (!dt) continue;
                 const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
                 float *restrict o = out + row;
                 const float *restrict ur = u + row;
@@ -234,43 +243,33 @@ int muse_scan_fwd(const float *u, const float *delta, const float *A, const floa
                     for (int64_t t = 0; t < L; ++t) o[t] += Dd * ur[t];
                 }
             }
-        free(dt);
         FTZ_END
     }
-    return failed;
 }
 
 /* Gradients of every input; dD, dz, ddelta_bias are skipped when the input is NULL. */
-int muse_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
-                  const float *C, const float *D, const float *z, const float *delta_bias,
-                  int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
-                  float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
-                  int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G, int nthreads) {
-    const int64_t H = dim / G, per = G * L * N;
-    if (nthreads < 1) nthreads = 1;
-    /* per-thread accumulators for dB and dC of one batch element; calloc: unused ones stay 0 */
-    float *acc = (float *)calloc((size_t)nthreads * 2 * (size_t)per, sizeof(float));
-    if (!acc) return 1;
-    int failed = 0;
+void muse_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
+                   const float *C, const float *D, const float *z, const float *delta_bias,
+                   int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
+                   float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
+                   float *work, int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G,
+                   int nthreads) {
+    const int64_t H = dim / G, per = G * L * N, stride = muse_scan_bwd_work_floats(L, N, G);
     memset(dA, 0, sizeof(float) * (size_t)(dim * N));
     if (dD) memset(dD, 0, sizeof(float) * (size_t)dim);
     if (ddelta_bias) memset(ddelta_bias, 0, sizeof(float) * (size_t)dim);
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
-        float *mine = acc + (size_t)thread_id() * 2 * (size_t)per;
-        /* scratch: states (L + 1) x N, decays L x N, dt, y, dy: L each */
-        float *hs = (float *)malloc(sizeof(float) * (size_t)((2 * L + 1) * N + 3 * L));
-        if (!hs) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        float *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
+        const int team = team_size();
+        /* per thread: dB and dC accumulators of one batch element (2 x per), then the states
+         * (L + 1) x N, the decays L x N, and dt, y, dy (L each) of one row */
+        float *mine = work + (size_t)thread_id() * (size_t)stride;
+        float *hs = mine + 2 * per, *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
         for (int64_t b = 0; b < batch; ++b) {
-            if (hs) memset(mine, 0, sizeof(float) * 2 * (size_t)per);
+            memset(mine, 0, sizeof(float) * 2 * (size_t)per);
 #pragma omp for schedule(dynamic, 2)
             for (int64_t d = 0; d < dim; ++d) {
-                if (!hs) continue;
                 const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
                 const int64_t grp = (d / H) * L * N;
                 const float *restrict ur = u + row, *restrict dor = dout + row;
@@ -327,17 +326,14 @@ int muse_scan_bwd(const float *u, const float *delta, const float *A, const floa
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < per; ++i) {
                 float sb = 0.0f, sc = 0.0f;
-                for (int k = 0; k < nthreads; ++k) {
-                    sb += acc[(size_t)k * 2 * (size_t)per + (size_t)i];
-                    sc += acc[(size_t)k * 2 * (size_t)per + (size_t)per + (size_t)i];
+                for (int k = 0; k < team; ++k) {
+                    sb += work[(size_t)k * (size_t)stride + (size_t)i];
+                    sc += work[(size_t)k * (size_t)stride + (size_t)per + (size_t)i];
                 }
                 dB[b * per + i] = sb;
                 dC[b * per + i] = sc;
             }
         }
-        free(hs);
         FTZ_END
     }
-    free(acc);
-    return failed;
 }
