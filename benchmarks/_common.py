@@ -58,7 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
     parser.add_argument(
         "--budget_s", type=float, default=60.0,
-        help="per configuration and mode: stop repeating once this much time has been spent (at least 2 runs)",
+        help="per configuration and mode: stop repeating once this much time has been spent (at least 2 runs); "
+        "a memory call longer than this is taken as the only timed run",
     )
     parser.add_argument("--timeout_s", type=float, default=1800.0, help="kill a configuration's subprocess after this")
     parser.add_argument(WORKER_FLAG, default=None, help=argparse.SUPPRESS)
@@ -131,13 +132,19 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_runs(
-    fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, budget_s: float
+    fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int, budget_s: float,
+    first_call_s: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Median wall time of `fn` after `warmup` untimed calls.
 
     Runs `repeats` timed calls, or fewer (but at least 2, or 1 when `repeats` is 1) once `budget_s`
     seconds of timed calls have been spent, so the longest configurations stay affordable.
+    `first_call_s`, the duration of a call made just before (the memory measurement), counts as a
+    warm-up; when it alone exceeds `budget_s`, start-up costs are negligible beside it, so it is
+    taken as the only timed run and `fn` is not called again (``"first_call_only": True``).
     """
+    if first_call_s is not None and first_call_s > budget_s:
+        return {"median_s": first_call_s, "min_s": first_call_s, "runs_s": [first_call_s], "first_call_only": True}
     for _ in range(warmup):
         fn()
         synchronize(device)
@@ -149,7 +156,7 @@ def time_runs(
         runs.append(time.perf_counter() - start)
         if sum(runs) >= budget_s and len(runs) >= min(2, repeats):
             break
-    return {"median_s": statistics.median(runs), "min_s": min(runs), "runs_s": runs}
+    return {"median_s": statistics.median(runs), "min_s": min(runs), "runs_s": runs, "first_call_only": False}
 
 
 def _proc_status_kib(field: str) -> Optional[int]:
@@ -183,7 +190,14 @@ def _malloc_trim() -> None:
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
-    """Peak extra memory of one call of `fn`, in bytes, and the method that measured it (module docstring)."""
+    """Peak extra memory of one call of `fn`, in bytes, the method that measured it (module docstring)
+    and the call's wall time in seconds (``"call_s"``)."""
+    start = time.perf_counter()
+    out = _peak_memory(fn, device)
+    return {**out, "call_s": time.perf_counter() - start}
+
+
+def _peak_memory(fn: Callable[[], Any], device: torch.device) -> Dict[str, Any]:
     gc.collect()
     if device.type == "cuda":
         synchronize(device)

@@ -146,7 +146,8 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     for _ in range(max(cfg["warmup"], 1)):
         step()
     mem = _common.peak_memory(step, device)
-    timing = _common.time_runs(step, device, warmup=0, repeats=cfg["repeats"], budget_s=cfg["budget_s"])
+    timing = _common.time_runs(step, device, warmup=0, repeats=cfg["repeats"], budget_s=cfg["budget_s"],
+                               first_call_s=mem["call_s"])
     n_params = sum(p.numel() for p in params)
     return {
         **cfg, "dim": dim, "grid": list(grid), "trainable_params": n_params,
