@@ -149,6 +149,12 @@ def load_kernel() -> ctypes.CDLL | None:
     return None
 
 
+def _threads(batch: int, dim: int, length: int, n_state: int) -> int:
+    """torch's thread count, but one thread per ~2^22 state updates at most: waking threads for a
+    tiny scan costs more than the scan (and a whole time slice on a busy machine)."""
+    return max(1, min(torch.get_num_threads(), (batch * dim * length * n_state) >> 22))
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -167,7 +173,7 @@ class _CompiledScan(torch.autograd.Function):
         groups, n_state = B.shape[1], B.shape[3]
         out = torch.empty_like(u)
         last = u.new_empty(batch, dim, n_state)
-        threads = torch.get_num_threads()
+        threads = _threads(batch, dim, length, n_state)
         work = u.new_empty(threads * lib.muse_scan_fwd_work_floats(length))
         lib.muse_scan_fwd(
             *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
@@ -193,7 +199,7 @@ class _CompiledScan(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else dout.to(torch.float32).contiguous()
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
         grads = [_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        lib, threads = load_kernel(), torch.get_num_threads()
+        lib, threads = load_kernel(), _threads(batch, dim, length, n_state)
         work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups))
         lib.muse_scan_bwd(
             *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),

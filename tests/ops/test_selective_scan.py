@@ -163,6 +163,14 @@ def test_tiny_shapes(backend, batch, length, tolerances):
     check_against_reference(make_inputs(batch, 4, length, 4), True, backend, tolerances)
 
 
+@pytest.mark.skipif("compiled" not in CPU_BACKENDS, reason="no C compiler here")
+@pytest.mark.parametrize("threads", [2, 3])
+def test_compiled_with_several_threads(monkeypatch, threads, tolerances):
+    """Rows split over threads; dB/dC of a group summed over the threads' buffers."""
+    monkeypatch.setattr(_cpu_kernel, "_threads", lambda *_: threads)
+    check_against_reference(make_inputs(3, 12, 40, 8, groups=2), True, "compiled", tolerances)
+
+
 @pytest.mark.parametrize("chunk,length", [(7, 20), (7, 21), (16, 5), (16, 1), (1, 4), (4, 37)])
 def test_torch_chunk_boundaries(monkeypatch, chunk, length, tolerances):
     """L not a multiple of the chunk, L < chunk, L = 1, chunk = 1."""
