@@ -175,17 +175,9 @@ class _CompiledScan(torch.autograd.Function):
         last = u.new_empty(batch, dim, n_state)
         threads = _threads(batch, dim, length, n_state)
         work = u.new_empty(threads * lib.muse_scan_fwd_work_floats(length))
-        lib.muse_scan_fwd(
-            *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
-            int(softplus),
-            *map(_ptr, (out, last, work)),
-            batch,
-            dim,
-            length,
-            n_state,
-            groups,
-            threads,
-        )
+        inputs = map(_ptr, (u, delta, A, B, C, D, z, delta_bias))
+        sizes = (batch, dim, length, n_state, groups, threads)
+        lib.muse_scan_fwd(*inputs, int(softplus), *map(_ptr, (out, last, work)), *sizes)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.softplus = softplus
         ctx.set_materialize_grads(False)
@@ -201,17 +193,9 @@ class _CompiledScan(torch.autograd.Function):
         grads = [_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
         lib, threads = load_kernel(), _threads(batch, dim, length, n_state)
         work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups))
-        lib.muse_scan_bwd(
-            *map(_ptr, (u, delta, A, B, C, D, z, delta_bias)),
-            int(ctx.softplus),
-            *map(_ptr, [dout, dlast, *grads, work]),
-            batch,
-            dim,
-            length,
-            n_state,
-            groups,
-            threads,
-        )
+        inputs = map(_ptr, (u, delta, A, B, C, D, z, delta_bias))
+        sizes = (batch, dim, length, n_state, groups, threads)
+        lib.muse_scan_bwd(*inputs, int(ctx.softplus), *map(_ptr, [dout, dlast, *grads, work]), *sizes)
         return (*grads, None)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["AUTO", "env_backend", "cuda_kernel", "check_backend_name", "as_device"]
+__all__ = ["AUTO", "requested_backend", "check_cuda_usable", "cuda_kernel", "as_device"]
 
 AUTO = "auto"
 
@@ -36,18 +36,31 @@ def cuda_kernel(module: str, name: str) -> Any | None:
         return None
 
 
-def env_backend(var: str) -> str | None:
-    """The backend named by environment variable ``var``, or None when unset/empty/"auto"."""
-    value = os.environ.get(var, "").strip().lower()
-    return None if value in ("", AUTO) else value
-
-
-def check_backend_name(backend: str, valid: tuple, source: str) -> str:
+def _check_name(backend: str, valid: tuple, source: str) -> str:
     """Normalise ``backend`` and raise a ValueError naming ``source`` when it is unknown."""
     name = backend.strip().lower()
     if name not in valid and name != AUTO:
         raise ValueError(f"{source} got {backend!r}, expected one of {(AUTO,) + tuple(valid)}")
     return name
+
+
+def requested_backend(backend: str | None, valid: tuple, env_var: str, op: str) -> str:
+    """The backend asked for: the argument, else environment variable ``env_var``, else AUTO."""
+    if backend is not None and backend.strip().lower() != AUTO:
+        return _check_name(backend, valid, f"{op}: argument `backend`")
+    forced = os.environ.get(env_var, "").strip()
+    return AUTO if forced.lower() in ("", AUTO) else _check_name(forced, valid, f"${env_var}")
+
+
+def check_cuda_usable(kernel: Any | None, package: str, device: torch.device, op: str) -> None:
+    """Raise a RuntimeError saying why a forced "cuda" backend cannot run."""
+    if kernel is None:
+        raise RuntimeError(
+            f"{op} backend 'cuda' needs the {package} CUDA kernel, which could not be imported; "
+            f"install it with `{CUDA_INSTALL_HINT}` or use backend='torch'"
+        )
+    if device.type != "cuda":
+        raise RuntimeError(f"{op} backend 'cuda' needs CUDA tensors, got tensors on {device}")
 
 
 def as_device(tensor_or_device: Union[torch.Tensor, torch.device, str]) -> torch.device:

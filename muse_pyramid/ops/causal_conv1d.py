@@ -16,7 +16,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import AUTO, CUDA_INSTALL_HINT, as_device, check_backend_name, cuda_kernel, env_backend
+from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
 
@@ -100,23 +100,13 @@ def _conv_torch(
 
 
 def _resolve(device: torch.device, width: int, backend: str | None) -> str:
-    if backend is not None and backend.strip().lower() != AUTO:
-        name = check_backend_name(backend, CONV_BACKENDS, "causal_conv1d: argument `backend`")
-    else:
-        forced = env_backend(CONV_BACKEND_ENV)
-        name = AUTO if forced is None else check_backend_name(forced, CONV_BACKENDS, f"${CONV_BACKEND_ENV}")
+    name = requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
     cuda_fn = cuda_kernel("causal_conv1d", "causal_conv1d_fn")
     if name == AUTO:
         usable = device.type == "cuda" and cuda_fn is not None and width in _CUDA_WIDTHS
         return "cuda" if usable else "torch"
     if name == "cuda":
-        if cuda_fn is None:
-            raise RuntimeError(
-                "causal_conv1d backend 'cuda' needs the causal_conv1d CUDA kernel, which could not be "
-                f"imported; install it with `{CUDA_INSTALL_HINT}` or use backend='torch'"
-            )
-        if device.type != "cuda":
-            raise RuntimeError(f"causal_conv1d backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        check_cuda_usable(cuda_fn, "causal_conv1d", device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:
             raise RuntimeError(
                 f"causal_conv1d backend 'cuda' supports width in {_CUDA_WIDTHS}, got width {width}"

@@ -30,7 +30,7 @@ from einops import rearrange
 
 from ._chunked_scan import chunked_scan
 from ._cpu_kernel import NO_COMPILE_ENV, compiled_disabled, compiled_scan, load_kernel
-from ._dispatch import AUTO, CUDA_INSTALL_HINT, as_device, check_backend_name, cuda_kernel, env_backend
+from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
 
@@ -206,11 +206,7 @@ def selective_scan_ref(
 
 def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
     """Name of the backend that runs tensors of ``device``/``dtype``; raises when forced and unusable."""
-    if backend is not None and backend.strip().lower() != AUTO:
-        name = check_backend_name(backend, SCAN_BACKENDS, "selective_scan: argument `backend`")
-    else:
-        forced = env_backend(SCAN_BACKEND_ENV)
-        name = AUTO if forced is None else check_backend_name(forced, SCAN_BACKENDS, f"${SCAN_BACKEND_ENV}")
+    name = requested_backend(backend, SCAN_BACKENDS, SCAN_BACKEND_ENV, "selective_scan")
     cuda_fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     if name == AUTO:
         if device.type == "cuda" and cuda_fn is not None:
@@ -218,13 +214,7 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> s
         usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
         return "compiled" if usable and load_kernel() is not None else "torch"
     if name == "cuda":
-        if cuda_fn is None:
-            raise RuntimeError(
-                "selective_scan backend 'cuda' needs the mamba_ssm CUDA kernel, which could not be "
-                f"imported; install it with `{CUDA_INSTALL_HINT}` or use backend='torch'"
-            )
-        if device.type != "cuda":
-            raise RuntimeError(f"selective_scan backend 'cuda' needs CUDA tensors, got tensors on {device}")
+        check_cuda_usable(cuda_fn, "mamba_ssm", device, "selective_scan")
     if name == "compiled":
         if device.type != "cpu":
             raise RuntimeError(f"selective_scan backend 'compiled' runs on the CPU, got tensors on {device}")
