@@ -130,7 +130,7 @@ def evaluate_samples(
     result: Dict[str, Any] = {"metrics": compute_metrics(sim, gt_or_none), "n_texts": len(samples),
                               "n_videos": len(clips), "skipped": len(probe.skipped)}
     if dsl:
-        scale = float(model.logit_scale.exp())
+        scale = float(model.logit_scale.detach().exp())
         result["dsl_metrics"] = compute_metrics(dual_softmax(sim, scale), gt_or_none)
         result["dsl_logit_scale"] = scale
     result.update(text=text.cpu(), video=video.cpu(), gt=gt)

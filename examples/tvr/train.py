@@ -235,7 +235,7 @@ def train(args: argparse.Namespace, info: DistInfo,
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         record: Dict[str, Any] = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)),
-                                  "seconds": time.time() - t0, "logit_scale": float(model.logit_scale.exp())}
+                                  "seconds": time.time() - t0, "logit_scale": float(model.logit_scale.detach().exp())}
         if select_on_val:
             val = evaluate_samples(model, val_samples, tokenize, frames, info, batch_size=args.batch_size_val,
                                    num_workers=args.num_workers, skip_broken=args.skip_broken_videos,
