@@ -177,6 +177,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="bf16 autocast (auto: on for CUDA, off for CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_ratio", action="store_true",
+                        help="MUSE step from the feature cache against the online MUSE step, same batch (a ratio)")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 1, 1
@@ -191,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.worker is not None:
         _common.report_worker_result(worker(json.loads(args.worker)))
         return {}
+    if args.cache_ratio:
+        return cache_vs_online(args)
     _common.configure_torch(args.threads)
     device = torch.device(args.device)
     amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
@@ -229,6 +233,94 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = _common.write_outputs(args.out, payload, text)
     print(text)
     print(f"\nwrote {out}")
+    return payload
+
+
+# ------------------------------------------------------------------ cached head-only step vs online step
+
+
+def _cache_read_s(batch: int, shape: Sequence[int], repeats: int, seed: int) -> Dict[str, Any]:
+    """Median time to read `batch` random clips `(T, 1+H*W, D)` from a memory-mapped fp16 shard as float32.
+
+    The shard is written by the feature cache's writer (`examples/tvr/cache/format.py`) with 4 batches of
+    clips and read right away, so the page cache is warm: the figure is the cost of the copy and the cast,
+    a lower bound for a cold disk.
+    """
+    import tempfile
+    import time
+
+    import numpy as np
+
+    sys.path.insert(0, str(_common.REPO))
+    from examples.tvr.cache.format import open_memmap, write_safetensors
+
+    gen = torch.Generator().manual_seed(seed)
+    n = 4 * batch
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "videos-00000.safetensors"
+        write_safetensors(path, {"tokens": torch.randn(n, *shape, generator=gen).half()})
+        tokens = open_memmap(path)["tokens"]
+        runs = []
+        for _ in range(max(repeats, 2)):
+            rows = torch.randperm(n, generator=gen)[:batch].tolist()
+            t0 = time.perf_counter()
+            torch.stack([torch.from_numpy(np.array(tokens[r])).float() for r in rows])
+            runs.append(time.perf_counter() - t0)
+    return {"read_s": float(np.median(runs)), "read_runs_s": runs}
+
+
+def cache_vs_online(args: argparse.Namespace) -> Dict[str, Any]:
+    """`--cache_ratio`: the MUSE training step from the feature cache against the online MUSE step.
+
+    online: `worker` with the whole CLIP trainable (CLIP4Clip fine-tuning) on frames and captions.
+    cached: `worker` in `--from_cache` mode on token maps of the online CLIP's shape `(B, T, 1+H*W, D)`
+    (what `CachedRetrievalDataset` yields) with fixed text features, training the head and the logit
+    scale; plus the time to read that batch from a memory-mapped fp16 shard. Same B, T, D and grid.
+    """
+    _common.configure_torch(args.threads)
+    device = torch.device(args.device)
+    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    base = {"device": str(device), "model": args.model, "batch": args.batch, "frames": args.frames,
+            "words": args.words, "dim": args.dim, "grid": args.grid, "amp": amp, "threads": args.threads,
+            "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget_s, "seed": args.seed,
+            "head": "MUSE"}
+    load_before = _common.load_average()
+    online = {**base, "path": "online", **_common.run_worker(__file__, {**base, "from_cache": False}, args.timeout_s)}
+    rows = [online]
+    if "error" not in online:  # the cached maps take the online CLIP's width and grid
+        shape = {"dim": online["dim"], "grid": online["grid"][0]}
+        cached = {**base, **shape, "path": "cached", "model": None,
+                  **_common.run_worker(__file__, {**base, **shape, "from_cache": True, "model": None}, args.timeout_s)}
+        if "error" not in cached:
+            tokens = (args.frames, 1 + online["grid"][0] * online["grid"][1], online["dim"])
+            cached.update(_cache_read_s(args.batch, tokens, args.repeats, args.seed))
+        rows.append(cached)
+    for r in rows:
+        print(f"[{r['path']:>6}] " + (r.get("error") or f"step {r['step_s']:.4g} s, peak {r['step_peak_mib']:.1f} MiB"),
+              flush=True)
+    ratios = {}
+    if len(rows) == 2 and all("error" not in r for r in rows):
+        o, c = rows
+        ratios = {"step_time_cached_over_online": c["step_s"] / o["step_s"],
+                  "step_time_cached_with_read_over_online": (c["step_s"] + c["read_s"]) / o["step_s"],
+                  "step_peak_cached_over_online": c["step_peak_mib"] / max(o["step_peak_mib"], 1e-9)}
+    machine = _common.machine_info(device)
+    machine["load_average_before"], machine["load_average_after"] = load_before, _common.load_average()
+    payload = {"benchmark": "step_cache_vs_online", "quick": args.quick, "machine": machine, "settings": base,
+               "rows": rows, "ratios": ratios}
+    cols = [("path", "path"), ("model", "model"), ("B", "batch"), ("T", "frames"), ("D", "dim"),
+            ("trainable params", "trainable_params"), ("step s (median)", "step_s"), ("batch read s", "read_s"),
+            ("peak extra MiB", "step_peak_mib"), ("error", "error")]
+    text = _common.markdown_table(rows, cols)
+    if ratios:
+        text += "\n\n" + _common.markdown_table(
+            [ratios], [("time cached / online", "step_time_cached_over_online"),
+                       ("time cached + read / online", "step_time_cached_with_read_over_online"),
+                       ("peak memory cached / online", "step_peak_cached_over_online")])
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.replace("step_cpu", f"step_cache_{device.type}")
+    path = _common.write_outputs(out, payload, text)
+    print(text)
+    print(f"\nwrote {path}")
     return payload
 
 
