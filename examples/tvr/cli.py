@@ -81,6 +81,7 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     data.add_argument("--skip_broken_videos", action="store_true",
                       help="skip (and count) missing/undecodable videos instead of failing")
     data.add_argument("--num_workers", "--num_thread_reader", dest="num_workers", type=int, default=4)
+    data.add_argument("--probe_videos", action="store_true", help="--validate: also decode every video's first frame")
     data.add_argument("--eval_split", default="test", choices=("train", "val", "test"), help="--do_eval split")
 
     model = p.add_argument_group("model")
@@ -177,22 +178,16 @@ def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.N
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from .build import data_options, dataset_module
+    """Print the counts of every split; exit status 1 when a video is missing or undecodable."""
+    from .build import data_options
+    from .data.validate import validate
 
-    try:
-        from .data.validate import validate
-    except ImportError:  # older tree without the validate module: use the readers' scan directly
-        validate = None
-    status = 0
+    bad = 0
     for split in ("train", "val", "test"):
-        if validate is not None:
-            report = validate(args.dataset, args.data_path, args.features_path, split, **data_options(args))
-        else:
-            report = dataset_module(args.dataset).scan(args.data_path, args.features_path, split,
-                                                       **data_options(args))
-            print(json.dumps({k: v for k, v in report.as_dict().items() if not k.endswith("_names")}))
-        status |= int(bool(getattr(report, "missing", []) or (isinstance(report, dict) and report.get("missing"))))
-    return status
+        result = validate(args.dataset, args.data_path, args.features_path, split, decode=args.probe_videos,
+                          show=20, **data_options(args))
+        bad += result["missing"] + result.get("undecodable", 0)
+    return int(bad > 0)
 
 
 def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:

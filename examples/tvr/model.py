@@ -79,13 +79,21 @@ def build_clip(pretrained_clip_name: str, *, weights_dir: Optional[str] = None,
 def build_small_clip(*, embed_dim: int = 64, image_size: int = 32, patch_size: int = 8, vision_width: int = 64,
                      vision_layers: int = 2, text_width: int = 64, text_layers: int = 2, context_length: int = 32,
                      vocab_size: int = 49408) -> nn.Module:
-    """A small randomly initialised open_clip `CLIP` (QuickGELU) for the CPU demo and tests."""
+    """A small randomly initialised open_clip `CLIP` (QuickGELU) for the CPU demo and tests.
+
+    Widths are multiples of 64 with 64-wide heads, as in OpenAI's releases, so the architecture can be
+    read back from the weights alone (`build_model_from_state`).
+    """
     import open_clip
 
-    vision = open_clip.CLIPVisionCfg(layers=vision_layers, width=vision_width, head_width=min(64, vision_width),
+    for name, width in (("vision_width", vision_width), ("text_width", text_width)):
+        if width < 64 or width % 64:
+            raise ValueError(f"{name} must be a positive multiple of 64 (64-wide heads), got {width}")
+
+    vision = open_clip.CLIPVisionCfg(layers=vision_layers, width=vision_width, head_width=64,
                                      patch_size=patch_size, image_size=image_size)
     text = open_clip.CLIPTextCfg(context_length=context_length, vocab_size=vocab_size, width=text_width,
-                                 heads=max(1, text_width // 64), layers=text_layers)
+                                 heads=text_width // 64, layers=text_layers)
     return open_clip.CLIP(embed_dim, vision, text, quick_gelu=True)
 
 

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .build import build_model_from_args, frame_config, load_samples, make_tokenizer, model_config
+from .build import (
+    build_model_from_args,
+    frame_config,
+    load_model_state,
+    load_samples,
+    make_tokenizer,
+    model_config,
+)
 from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -160,7 +167,14 @@ def train(args: argparse.Namespace, info: DistInfo,
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
-    model = build_model_from_args(args).to(info.device)
+    model = build_model_from_args(args)
+    if args.init_model and not args.resume:
+        state, _ = load_model_state(args.init_model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if info.is_main:
+            logger.info("initialised from %s (%d tensors not in it, %d ignored)", args.init_model, len(missing),
+                        len(unexpected))
+    model.to(info.device)
     tokenize = make_tokenizer(args.max_words)
     frames = frame_config(args, model.clip)
 

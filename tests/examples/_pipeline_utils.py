@@ -15,9 +15,9 @@ import torch
 from examples.tvr.cli import parse_args
 from examples.tvr.model import CLIP4Clip, build_model, build_small_clip
 
-#: A CLIP small enough for a CPU test: 16 px images, 8 px patches (2 x 2 grid), width 32.
-TINY_CLIP = {"embed_dim": 32, "image_size": 16, "patch_size": 8, "vision_width": 32, "vision_layers": 1,
-             "text_width": 32, "text_layers": 1, "context_length": 16, "vocab_size": 49408}
+#: A CLIP small enough for a CPU test: 16 px images, 8 px patches (2 x 2 grid), one 64-wide layer per tower.
+TINY_CLIP = {"embed_dim": 32, "image_size": 16, "patch_size": 8, "vision_width": 64, "vision_layers": 1,
+             "text_width": 64, "text_layers": 1, "context_length": 16, "vocab_size": 49408}
 TINY_MUSE = {"depth": 1, "d_state": 4, "scales": (0.5, 1.0, 2.0)}
 
 

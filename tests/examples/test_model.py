@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from examples.tvr.model import SIM_HEADERS, SeqTransfHead, build_clip, build_model
+from examples.tvr.model import SIM_HEADERS, SeqTransfHead, build_clip, build_model, build_small_clip
 from muse_pyramid import MUSEHead
 from muse_pyramid.backbones import open_clip_tokens
 from tests.examples._pipeline_utils import TINY_CLIP, random_batch, tiny_clip, tiny_model
@@ -82,8 +82,10 @@ def test_all_parameters_get_gradients():
 
 
 def test_seq_transf_initialised_from_clip_text_blocks():
-    clip = tiny_clip()
-    head = SeqTransfHead(TINY_CLIP["embed_dim"], layers=1, max_frames=8)
+    assert not SeqTransfHead(TINY_CLIP["embed_dim"], layers=1).init_from_clip(tiny_clip())  # 32 != text width 64
+    torch.manual_seed(0)
+    clip = build_small_clip(**{**TINY_CLIP, "embed_dim": TINY_CLIP["text_width"]})
+    head = SeqTransfHead(TINY_CLIP["text_width"], layers=1, max_frames=8)
     assert head.init_from_clip(clip)
     torch.testing.assert_close(head.transformer.resblocks[0].attn.in_proj_weight,
                                clip.transformer.resblocks[0].attn.in_proj_weight)
@@ -103,6 +105,8 @@ def test_bad_inputs_raise():
         build_model(tiny_clip(), sim_header="tightTransf")
     with pytest.raises(ValueError, match="MUSE dim"):
         build_model(tiny_clip(), sim_header="MUSE", muse={"dim": 7})
+    with pytest.raises(ValueError, match="vision_width"):
+        build_small_clip(vision_width=48)
 
 
 def test_pretrained_clip_needs_weights_and_random_init_is_explicit(tmp_path, monkeypatch):
