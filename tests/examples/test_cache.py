@@ -41,8 +41,8 @@ def small_clip(seed: int = 0):
     from examples.tvr.model import build_small_clip
 
     torch.manual_seed(seed)
-    return build_small_clip(embed_dim=32, image_size=32, patch_size=16, vision_width=32, vision_layers=1,
-                            text_width=32, text_layers=1, context_length=MAX_WORDS).eval()
+    return build_small_clip(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=1,
+                            text_width=64, text_layers=1, context_length=MAX_WORDS).eval()
 
 
 def tokenize(texts):

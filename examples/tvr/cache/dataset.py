@@ -34,7 +34,7 @@ __all__ = ["RUN_KEYS", "load_manifest", "check_settings", "CachedRetrievalDatase
 logger = logging.getLogger(__name__)
 
 #: Settings a training / evaluation run must share with the cache it reads.
-RUN_KEYS = ("dataset", "data_options", "backbone", "weights", "max_frames", "feature_framerate", "slice_framepos",
+RUN_KEYS = ("dataset", "data_options", "backbone", "architecture", "weights", "max_frames", "feature_framerate", "slice_framepos",
             "image_resolution", "max_words", "tokenizer")
 
 

@@ -21,7 +21,8 @@ from ..distributed import DistInfo
 from .format import sha256_file
 from .writer import ShardHook, build_cache, frame_settings
 
-__all__ = ["TOKENIZER", "weights_identity", "backbone_identity", "run_settings", "build_cache_from_args"]
+__all__ = ["TOKENIZER", "weights_identity", "backbone_identity", "architecture", "run_settings",
+           "build_cache_from_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,36 +30,47 @@ TOKENIZER = "clip-bpe-49408"  # muse_pyramid.backbones.clip_tokenize: [start] + 
 
 
 def weights_identity(args: argparse.Namespace) -> str:
-    """``sha256:<hex>`` of the CLIP weights file, or ``random-init:<seed>`` for a random-initialised CLIP."""
+    """``sha256:<hex>`` of the CLIP weights file, or ``random-init:<seed>`` for a random-initialised CLIP;
+    ``+ init_model sha256:<hex>`` when ``--init_model`` overrides them."""
     if getattr(args, "small_clip", None) is not None or getattr(args, "random_init_clip", False):
-        return f"random-init:{args.seed}"
-    from muse_pyramid.backbones import resolve_openai_weights
+        out = f"random-init:{args.seed}"
+    else:
+        from muse_pyramid.backbones import resolve_openai_weights
 
-    return "sha256:" + sha256_file(resolve_openai_weights(args.pretrained_clip_name, args.clip_weights_dir))
+        out = "sha256:" + sha256_file(resolve_openai_weights(args.pretrained_clip_name, args.clip_weights_dir))
+    if getattr(args, "init_model", None):
+        out += " + init_model sha256:" + sha256_file(args.init_model)
+    return out
 
 
-def backbone_identity(args: argparse.Namespace, clip: nn.Module) -> str:
-    """Where CLIP came from and its architecture, e.g. ``ViT-B/32 (open_clip ViT 768x12, patch 32, 224 px, D 512)``."""
+def backbone_identity(args: argparse.Namespace) -> str:
+    """Where CLIP comes from: ``ViT-B/32``, a weights path, or ``small_clip {...}``."""
     small = getattr(args, "small_clip", None)
-    source = f"small_clip {json.dumps(small, sort_keys=True)}" if small is not None else str(args.pretrained_clip_name)
+    return f"small_clip {json.dumps(small, sort_keys=True)}" if small is not None else str(args.pretrained_clip_name)
+
+
+def architecture(clip: nn.Module) -> str:
+    """CLIP's vision tower as read from the module, e.g. ``open_clip ViT 768x12, patch 32, 224 px, D 512``."""
     v = clip.visual
-    patch = v.conv1.kernel_size[0]
     size = v.image_size[0] if isinstance(v.image_size, (tuple, list)) else v.image_size
-    width = v.conv1.out_channels
-    layers = len(v.transformer.resblocks)
     dim = v.proj.shape[1] if v.proj is not None else v.output_dim
-    return f"{source} (open_clip ViT {width}x{layers}, patch {patch}, {size} px, D {dim})"
+    return (f"open_clip ViT {v.conv1.out_channels}x{len(v.transformer.resblocks)}, patch {v.conv1.kernel_size[0]}, "
+            f"{size} px, D {dim}")
 
 
-def run_settings(args: argparse.Namespace, clip: nn.Module) -> Dict[str, Any]:
-    """The settings of a run that its cache must share (see `dataset.RUN_KEYS`)."""
+def run_settings(args: argparse.Namespace, clip: nn.Module, *, weights: bool = True) -> Dict[str, Any]:
+    """The settings of a run that its cache must share (see `dataset.RUN_KEYS`).
+
+    `weights=False` leaves out the weights identity (no file is hashed).
+    """
     from ..build import data_options, frame_config
 
     return {
         "dataset": args.dataset,
         "data_options": {k: str(v) if isinstance(v, Path) else v for k, v in data_options(args).items()},
-        "backbone": backbone_identity(args, clip),
-        "weights": weights_identity(args),
+        "backbone": backbone_identity(args),
+        "architecture": architecture(clip),
+        "weights": weights_identity(args) if weights else None,
         **frame_settings(frame_config(args, clip)),
         "max_words": int(args.max_words),
         "tokenizer": TOKENIZER,
@@ -73,7 +85,7 @@ def build_cache_from_args(args: argparse.Namespace, info: DistInfo, *, on_shard:
     random-initialised CLIP (``--random_init_clip`` / ``--small_clip``) is the same one. Splits: train,
     test, and val unless it is the test split (recorded as an alias) or ``--no_val``.
     """
-    from ..build import build_model_from_args, frame_config, load_samples, make_tokenizer
+    from ..build import build_model_from_args, frame_config, load_model_state, load_samples, make_tokenizer
     from ..data.base import RetrievalDataset
     from ..evaluate import same_samples
     from ..train import autocast_context, seed_everything
@@ -81,7 +93,10 @@ def build_cache_from_args(args: argparse.Namespace, info: DistInfo, *, on_shard:
     if not getattr(args, "cache_dir", None):
         raise ValueError("the cache command needs --cache_dir (the folder to write the cache to)")
     seed_everything(args.seed)
-    clip = build_model_from_args(args).clip.to(info.device)
+    model = build_model_from_args(args)
+    if getattr(args, "init_model", None):  # as training does: CLIP's weights from the checkpoint
+        model.load_state_dict(load_model_state(args.init_model)[0], strict=False)
+    clip = model.clip.to(info.device)
     for p in clip.parameters():
         p.requires_grad_(False)
     settings = run_settings(args, clip)
