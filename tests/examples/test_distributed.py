@@ -2,6 +2,7 @@
 loss.py, train.py), and the loaders / batch split behave."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,13 @@ import torch.multiprocessing as mp
 
 from examples.tvr.distributed import DistInfo, init_distributed, make_loader, per_process_batch
 from examples.tvr.train import train_step
-from tests.examples._pipeline_utils import ddp_grad_worker, make_tiny_msrvtt, random_batch, tiny_model, TINY_CLIP
+from tests.examples._pipeline_utils import (
+    TINY_CLIP,
+    ddp_grad_worker,
+    make_tiny_msrvtt,
+    random_batch,
+    tiny_model,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,8 +97,14 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
            "--batch_size_val", "2", "--epochs", "1", "--num_workers", "0", "--muse_depth", "1", "--muse_d_state",
            "4", "--no_progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["n_videos"] == 4 and results["history"][0]["step"] == 4  # 16 samples / global 4
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)

@@ -115,3 +115,22 @@ def test_pretrained_clip_needs_weights_and_random_init_is_explicit(tmp_path, mon
         build_clip("ViT-B/32", weights_dir=str(tmp_path))
     with pytest.raises(ValueError, match="random_init_clip"):
         build_clip(str(tmp_path / "custom.pt"), random_init=True)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("MUSE", dropout=0.0).train()
+        model.set_grad_checkpointing(checkpointing)
+        text, video, scale = model(**random_batch(torch.Generator().manual_seed(8)))
+        (scale.exp() * (text @ video.t())).logsumexp(0).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_amp_needs_cuda():
+    from examples.tvr.train import autocast_context
+
+    with pytest.raises(ValueError, match="--precision bf16"):
+        autocast_context("bf16", torch.device("cpu"))

@@ -6,7 +6,14 @@ import math
 import pytest
 import torch
 
-from examples.tvr.optim import ADAM_BETAS, ADAM_EPS, WarmupCosine, build_optimizer, build_param_groups, build_scheduler
+from examples.tvr.optim import (
+    ADAM_BETAS,
+    ADAM_EPS,
+    WarmupCosine,
+    build_optimizer,
+    build_param_groups,
+    build_scheduler,
+)
 from tests.examples._pipeline_utils import tiny_model
 
 
