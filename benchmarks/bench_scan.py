@@ -174,6 +174,9 @@ def main() -> None:
         default=3060,
         help="skip plain_pre (holds (B, D, L, N) tensors) above this L",
     )
+    parser.add_argument(
+        "--methods", nargs="+", default=None, help="only these (plain, plain_pre, torch, compiled, mamba_ssm)"
+    )
     args = parser.parse_args()
     _common.configure_torch(args.threads)
     device = torch.device(args.device)
@@ -191,6 +194,8 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         for method in methods_for(device, length, args.plain_max_length, args.plain_pre_max_length):
+            if args.methods and method not in args.methods:
+                continue
             rows.append(measure(method, length, args, device))
             r = rows[-1]
             print(

@@ -85,24 +85,43 @@ static inline void row_dt(const float *restrict delta, float bias, int softplus,
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* one row; N is a compile-time constant after inlining in the common cases                   */
+/* one row; N is a compile-time constant after inlining in the common cases.                  */
+/* Sums over the state (y_t = <C_t, h_t>, ...) are not reduced step by step: a horizontal sum  */
+/* per step costs as much as the step. The lanes of BLOCK steps are kept and summed together. */
+
+#define BLOCK 16
+
+/* out[i] = sum_n blk[i][n] for the m first steps of a block */
+static inline __attribute__((always_inline)) void sum_lanes(const float *restrict blk, int64_t m,
+                                                            float *restrict out, const int N) {
+    for (int64_t i = 0; i < m; ++i) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int n = 0; n < N; ++n) s += blk[i * N + n];
+        out[i] = s;
+    }
+}
 
 static inline __attribute__((always_inline)) void fwd_row(
     const float *restrict u, const float *restrict dt, const float *restrict A,
     const float *restrict B, const float *restrict C, float *restrict y, float *restrict last,
     int64_t L, const int N) {
-    float h[N];
+    float h[N], blk[BLOCK * N];
     for (int n = 0; n < N; ++n) h[n] = 0.0f;
-    for (int64_t t = 0; t < L; ++t) {
-        const float dtt = dt[t], x = dtt * u[t];
-        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int n = 0; n < N; ++n) {
-            h[n] = exp_vec(dtt * A[n]) * h[n] + x * Bt[n];
-            acc += Ct[n] * h[n];
+    for (int64_t t0 = 0; t0 < L; t0 += BLOCK) {
+        const int64_t m = L - t0 < BLOCK ? L - t0 : BLOCK;
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t t = t0 + i;
+            const float dtt = dt[t], x = dtt * u[t];
+            const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
+            float *restrict bi = blk + i * N;
+#pragma omp simd
+            for (int n = 0; n < N; ++n) {
+                h[n] = exp_vec(dtt * A[n]) * h[n] + x * Bt[n];
+                bi[n] = Ct[n] * h[n];
+            }
         }
-        y[t] = acc;
+        sum_lanes(blk, m, y + t0, N);
     }
     for (int n = 0; n < N; ++n) last[n] = h[n];
 }
@@ -113,21 +132,24 @@ static inline __attribute__((always_inline)) void recompute_row(
     const float *restrict u, const float *restrict dt, const float *restrict A,
     const float *restrict B, const float *restrict C, float *restrict hs, float *restrict as,
     float *restrict y, int64_t L, const int N) {
-    float h[N];
+    float h[N], blk[BLOCK * N];
     for (int n = 0; n < N; ++n) h[n] = hs[n] = 0.0f;
-    for (int64_t t = 0; t < L; ++t) {
-        const float dtt = dt[t], x = dtt * u[t];
-        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
-        float *restrict at = as + t * N, *restrict ht = hs + (t + 1) * N;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int n = 0; n < N; ++n) {
-            at[n] = exp_vec(dtt * A[n]);
-            h[n] = at[n] * h[n] + x * Bt[n];
-            ht[n] = h[n];
-            acc += Ct[n] * h[n];
+    for (int64_t t0 = 0; t0 < L; t0 += BLOCK) {
+        const int64_t m = L - t0 < BLOCK ? L - t0 : BLOCK;
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t t = t0 + i;
+            const float dtt = dt[t], x = dtt * u[t];
+            const float *restrict Bt = B + t * N, *restrict Ct = C + t * N;
+            float *restrict at = as + t * N, *restrict ht = hs + (t + 1) * N, *restrict bi = blk + i * N;
+#pragma omp simd
+            for (int n = 0; n < N; ++n) {
+                at[n] = exp_vec(dtt * A[n]);
+                h[n] = at[n] * h[n] + x * Bt[n];
+                ht[n] = h[n];
+                bi[n] = Ct[n] * h[n];
+            }
         }
-        y[t] = acc;
+        sum_lanes(blk, m, y + t0, N);
     }
 }
 
@@ -139,30 +161,39 @@ static inline __attribute__((always_inline)) void adjoint_row(
     const float *restrict dlast, const float *restrict hs, const float *restrict as,
     float *restrict du, float *restrict ddt, float *restrict dA, float *restrict dB,
     float *restrict dC, int64_t L, const int N) {
-    float g[N], dA_row[N];
+    float g[N], dA_row[N], gB_blk[BLOCK * N], gAah_blk[BLOCK * N], gB[BLOCK], gAah[BLOCK];
     for (int n = 0; n < N; ++n) {
         g[n] = dlast ? dlast[n] : 0.0f;
         dA_row[n] = 0.0f;
     }
-    for (int64_t t = L - 1; t >= 0; --t) { /* g holds exp(dt_{t+1} A) g_{t+1} */
-        const float dtt = dt[t], ut = u[t], dyt = dy[t], x = dtt * ut;
-        const float *restrict Bt = B + t * N, *restrict Ct = C + t * N, *restrict at = as + t * N;
-        const float *restrict ht = hs + (t + 1) * N, *restrict hprev = hs + t * N;
-        float *restrict dBt = dB + t * N, *restrict dCt = dC + t * N;
-        float gB = 0.0f, gAah = 0.0f;
-#pragma omp simd reduction(+ : gB, gAah)
-        for (int n = 0; n < N; ++n) {
-            const float gn = g[n] + dyt * Ct[n];   /* dL/dh_t */
-            const float w = gn * at[n] * hprev[n]; /* dL/d(dt_t A_n) */
-            dCt[n] += dyt * ht[n];
-            dBt[n] += gn * x;
-            gB += gn * Bt[n];
-            gAah += w * A[n];
-            dA_row[n] += w * dtt;
-            g[n] = gn * at[n];
+    for (int64_t t1 = L; t1 > 0; t1 -= BLOCK) { /* steps t1 - 1 down to t1 - m */
+        const int64_t m = t1 < BLOCK ? t1 : BLOCK;
+        for (int64_t i = 0; i < m; ++i) { /* g holds exp(dt_{t+1} A) g_{t+1} */
+            const int64_t t = t1 - 1 - i;
+            const float dtt = dt[t], dyt = dy[t], x = dtt * u[t];
+            const float *restrict Bt = B + t * N, *restrict Ct = C + t * N, *restrict at = as + t * N;
+            const float *restrict ht = hs + (t + 1) * N, *restrict hprev = hs + t * N;
+            float *restrict dBt = dB + t * N, *restrict dCt = dC + t * N;
+            float *restrict gBi = gB_blk + i * N, *restrict gAahi = gAah_blk + i * N;
+#pragma omp simd
+            for (int n = 0; n < N; ++n) {
+                const float gn = g[n] + dyt * Ct[n];   /* dL/dh_t */
+                const float w = gn * at[n] * hprev[n]; /* dL/d(dt_t A_n) */
+                dCt[n] += dyt * ht[n];
+                dBt[n] += gn * x;
+                gBi[n] = gn * Bt[n];
+                gAahi[n] = w * A[n];
+                dA_row[n] += w * dtt;
+                g[n] = gn * at[n];
+            }
         }
-        du[t] = gB * dtt;
-        ddt[t] = gB * ut + gAah;
+        sum_lanes(gB_blk, m, gB, N);
+        sum_lanes(gAah_blk, m, gAah, N);
+        for (int64_t i = 0; i < m; ++i) {
+            const int64_t t = t1 - 1 - i;
+            du[t] = gB[i] * dt[t];
+            ddt[t] = gB[i] * u[t] + gAah[i];
+        }
     }
     for (int n = 0; n < N; ++n) dA[n] += dA_row[n];
 }
