@@ -33,13 +33,13 @@ DEMO_CLIP = {"embed_dim": 64, "image_size": 32, "patch_size": 16, "vision_width"
 class DemoConfig:
     """Sizes of the demo; the defaults run in about two to three minutes on two CPU cores."""
 
-    n_train_videos: int = 48  # x 20 captions each = 960 training pairs per epoch
+    n_train_videos: int = 48  # x 20 captions each = 960 training pairs per epoch (60 steps)
     n_test_videos: int = 24  # one caption each (the 1k-A layout); chance R@1 = 1 / 24
     seconds: int = 4  # -> 4 frames per clip at CLIP4Clip's 1 frame per second
     fps: int = 4
     video_size: int = 32
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-3
     muse_depth: int = 2
     muse_d_state: int = 8

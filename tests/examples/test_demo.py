@@ -5,7 +5,7 @@ from examples.tvr.demo import DemoConfig, run_demo
 
 
 def test_demo_learns_far_above_chance(tmp_path, capsys):
-    cfg = DemoConfig(n_train_videos=30, n_test_videos=12, epochs=2)
+    cfg = DemoConfig(n_train_videos=36, n_test_videos=12, epochs=2)
     results = run_demo(output_dir=str(tmp_path), seed=0, progress=False, config=cfg)
     t2v, v2t = results["test"]["metrics"]["t2v"], results["test"]["metrics"]["v2t"]
     chance = results["chance_r1"]
