@@ -5,6 +5,7 @@ Compares, at batch=8, dim=512, N=16 (MUSE's mixer width) and L in {256, 1024, 30
   (a) plain loops, autograd through them (the baseline):
         plain      one step per token, state (batch, dim, N), per-step exp; no per-step einsum
                    (this is ``muse_pyramid.ops.selective_scan_ref``)
+        plain_1t   the same on one thread (its ops are small: threads can cost more than they give)
         plain_pre  the same loop over decays/inputs precomputed for all steps (batch, dim, L, N),
                    stepped with ``unbind`` (indexing would allocate a full gradient per step)
       the ratios use the faster of the two per measurement ("best plain loop");
@@ -38,7 +39,7 @@ import _common  # noqa: E402
 
 from muse_pyramid.ops import SCAN_BACKENDS, scan_backend, selective_scan, selective_scan_ref  # noqa: E402
 
-PLAIN = ("plain", "plain_pre")
+PLAIN = ("plain", "plain_1t", "plain_pre")
 MEASURES = ("fwd_s", "fwdbwd_s", "fwd_peak_mib", "fwdbwd_peak_mib")
 
 
@@ -78,7 +79,7 @@ def runner(method, inputs, backward):
     """One call: forward (under no_grad) or forward+backward of ``method`` on ``inputs``."""
 
     def call():
-        if method == "plain":
+        if method in ("plain", "plain_1t"):
             return selective_scan_ref(**inputs, delta_softplus=True)
         if method == "plain_pre":
             return plain_precomputed(**inputs, delta_softplus=True)
@@ -94,7 +95,15 @@ def runner(method, inputs, backward):
             with torch.no_grad():
                 call()
 
-    return run
+    def run_one_thread():  # small per-step ops: one thread can beat several
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run_one_thread if method == "plain_1t" else run
 
 
 def peak_extra_bytes(run, device):
@@ -115,6 +124,7 @@ def peak_extra_bytes(run, device):
 
 def methods_for(device, length, plain_max, plain_pre_max):
     methods = ["plain"] if length <= plain_max else []
+    methods += ["plain_1t"] if length <= plain_max and torch.get_num_threads() > 1 else []
     methods += ["plain_pre"] if length <= plain_pre_max else []
     for name in SCAN_BACKENDS:
         try:

@@ -104,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.muse_scan_bwd.restype = None
     lib.muse_scan_fwd_work_floats.argtypes = [i64]
     lib.muse_scan_fwd_work_floats.restype = i64
-    lib.muse_scan_bwd_work_floats.argtypes = [i64] * 3
+    lib.muse_scan_bwd_work_floats.argtypes = [i64] * 4
     lib.muse_scan_bwd_work_floats.restype = i64
     return lib
 
@@ -192,7 +192,7 @@ class _CompiledScan(torch.autograd.Function):
         dlast = None if dlast is None else dlast.to(torch.float32).contiguous()
         grads = [_like(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
         lib, threads = load_kernel(), _threads(batch, dim, length, n_state)
-        work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups))
+        work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups, dim))
         inputs = map(_ptr, (u, delta, A, B, C, D, z, delta_bias))
         sizes = (batch, dim, length, n_state, groups, threads)
         lib.muse_scan_bwd(*inputs, int(ctx.softplus), *map(_ptr, [dout, dlast, *grads, work]), *sizes)

@@ -241,8 +241,10 @@ static int team_size(void) {
 
 /* scratch floats per thread */
 int64_t muse_scan_fwd_work_floats(int64_t L) { return L; }
-int64_t muse_scan_bwd_work_floats(int64_t L, int64_t N, int64_t G) {
-    return (2 * L + 1) * N + 3 * L + 2 * G * L * N;
+int64_t muse_scan_bwd_work_floats(int64_t L, int64_t N, int64_t G, int64_t dim) {
+    /* dB, dC of one batch element, then one row's states, decays, dt, y, dy, then private dA, dD,
+     * d(delta_bias) */
+    return 2 * G * L * N + (2 * L + 1) * N + 3 * L + dim * (N + 2);
 }
 
 void muse_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
@@ -278,91 +280,132 @@ void muse_scan_fwd(const float *u, const float *delta, const float *A, const flo
     }
 }
 
-/* Gradients of every input; dD, dz, ddelta_bias are skipped when the input is NULL. */
+/* Backward of one row (b, d). dB_g/dC_g: (L, N) accumulators of the row's group; dA_d (N),
+ * dD_d, dbias_d: accumulators of channel d. scratch: (2 L + 1) N + 3 L floats. */
+static void bwd_row(const float *u, const float *delta, const float *A, const float *B,
+                    const float *C, const float *D, const float *z, const float *delta_bias,
+                    int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
+                    float *dz, float *dA_d, float *dB_g, float *dC_g, float *dD_d, float *dbias_d,
+                    float *scratch, int64_t b, int64_t d, int64_t dim, int64_t L, int64_t N,
+                    int64_t G) {
+    const int64_t row = (b * dim + d) * L, bc = (b * G + d / (dim / G)) * L * N;
+    float *hs = scratch, *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
+    const float *restrict ur = u + row, *restrict dor = dout + row;
+    const float bias = delta_bias ? delta_bias[d] : 0.0f, Dd = D ? D[d] : 0.0f;
+    row_dt(delta + row, bias, softplus, dt, L);
+#define REC_CALL(NN) recompute_row(ur, dt, A + d * N, B + bc, C + bc, hs, as, y, L, NN)
+    DISPATCH_N(N, REC_CALL)
+#undef REC_CALL
+    /* through the gate and the skip: dy = dL/d<C_t, h_t> */
+    float dD_row = 0.0f;
+    if (z) {
+        const float *restrict zr = z + row;
+        float *restrict dzr = dz + row;
+#pragma omp simd reduction(+ : dD_row)
+        for (int64_t t = 0; t < L; ++t) {
+            const float s = sigmoid_vec(zr[t]), pre = y[t] + Dd * ur[t];
+            dy[t] = dor[t] * zr[t] * s;
+            dzr[t] = dor[t] * pre * s * (1.0f + zr[t] * (1.0f - s));
+            dD_row += dy[t] * ur[t];
+        }
+    } else {
+#pragma omp simd reduction(+ : dD_row)
+        for (int64_t t = 0; t < L; ++t) {
+            dy[t] = dor[t];
+            dD_row += dy[t] * ur[t];
+        }
+    }
+    float *restrict dur = du + row, *restrict ddr = ddelta + row;
+    const float *dlast_row = dlast ? dlast + (b * dim + d) * N : NULL;
+#define ADJ_CALL(NN) \
+    adjoint_row(ur, dt, A + d * N, B + bc, C + bc, dy, dlast_row, hs, as, dur, ddr, dA_d, dB_g, dC_g, L, NN)
+    DISPATCH_N(N, ADJ_CALL)
+#undef ADJ_CALL
+    if (D) {
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) dur[t] += Dd * dy[t];
+        *dD_d += dD_row;
+    }
+    if (softplus) {
+        const float *restrict dr = delta + row;
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) {
+            const float x = dr[t] + bias;
+            ddr[t] *= x > 20.0f ? 1.0f : sigmoid_vec(x);
+        }
+    }
+    if (delta_bias) {
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t t = 0; t < L; ++t) s += ddr[t];
+        *dbias_d += s;
+    }
+}
+
+/* Gradients of every input; dD, dz, ddelta_bias are skipped when the input is NULL.
+ * With at least as many batch elements as threads, each thread takes whole batch elements
+ * (dynamically): it owns their dB/dC, keeps private dA/dD/d(delta_bias), and never waits at a
+ * barrier (a busy machine that deschedules one thread does not stall the others). Otherwise the
+ * channels of each batch element are split over the threads, with per-thread dB/dC buffers
+ * summed after every batch element. */
 void muse_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
                    const float *C, const float *D, const float *z, const float *delta_bias,
                    int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
                    float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
                    float *work, int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G,
                    int nthreads) {
-    const int64_t H = dim / G, per = G * L * N, stride = muse_scan_bwd_work_floats(L, N, G);
+    const int64_t H = dim / G, per = G * L * N, stride = muse_scan_bwd_work_floats(L, N, G, dim);
     memset(dA, 0, sizeof(float) * (size_t)(dim * N));
     if (dD) memset(dD, 0, sizeof(float) * (size_t)dim);
     if (ddelta_bias) memset(ddelta_bias, 0, sizeof(float) * (size_t)dim);
+    const int by_batch = batch >= nthreads;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
         const int team = team_size();
-        /* per thread: dB and dC accumulators of one batch element (2 x per), then the states
-         * (L + 1) x N, the decays L x N, and dt, y, dy (L each) of one row */
         float *mine = work + (size_t)thread_id() * (size_t)stride;
-        float *hs = mine + 2 * per, *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
-        for (int64_t b = 0; b < batch; ++b) {
-            memset(mine, 0, sizeof(float) * 2 * (size_t)per);
-#pragma omp for schedule(dynamic, 2)
-            for (int64_t d = 0; d < dim; ++d) {
-                const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
-                const int64_t grp = (d / H) * L * N;
-                const float *restrict ur = u + row, *restrict dor = dout + row;
-                const float bias = delta_bias ? delta_bias[d] : 0.0f, Dd = D ? D[d] : 0.0f;
-                row_dt(delta + row, bias, softplus, dt, L);
-#define REC_CALL(NN) recompute_row(ur, dt, A + d * N, B + bc, C + bc, hs, as, y, L, NN)
-                DISPATCH_N(N, REC_CALL)
-#undef REC_CALL
-                /* through the gate and the skip: dy = dL/d<C_t, h_t> */
-                float dD_row = 0.0f;
-                if (z) {
-                    const float *restrict zr = z + row;
-                    float *restrict dzr = dz + row;
-#pragma omp simd reduction(+ : dD_row)
-                    for (int64_t t = 0; t < L; ++t) {
-                        const float s = sigmoid_vec(zr[t]), pre = y[t] + Dd * ur[t];
-                        dy[t] = dor[t] * zr[t] * s;
-                        dzr[t] = dor[t] * pre * s * (1.0f + zr[t] * (1.0f - s));
-                        dD_row += dy[t] * ur[t];
-                    }
-                } else {
-#pragma omp simd reduction(+ : dD_row)
-                    for (int64_t t = 0; t < L; ++t) {
-                        dy[t] = dor[t];
-                        dD_row += dy[t] * ur[t];
-                    }
-                }
-                float *restrict dur = du + row, *restrict ddr = ddelta + row;
-#define ADJ_CALL(NN)                                                                       \
-    adjoint_row(ur, dt, A + d * N, B + bc, C + bc, dy, dlast ? dlast + (b * dim + d) * N : NULL, \
-                hs, as, dur, ddr, dA + d * N, mine + grp, mine + per + grp, L, NN)
-                DISPATCH_N(N, ADJ_CALL)
-#undef ADJ_CALL
-                if (D) {
-#pragma omp simd
-                    for (int64_t t = 0; t < L; ++t) dur[t] += Dd * dy[t];
-                    dD[d] += dD_row;
-                }
-                if (softplus) {
-                    const float *restrict dr = delta + row;
-#pragma omp simd
-                    for (int64_t t = 0; t < L; ++t) {
-                        const float x = dr[t] + bias;
-                        ddr[t] *= x > 20.0f ? 1.0f : sigmoid_vec(x);
-                    }
-                }
-                if (ddelta_bias) {
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t t = 0; t < L; ++t) s += ddr[t];
-                    ddelta_bias[d] += s;
+        float *scratch = mine + 2 * per, *priv = scratch + (2 * L + 1) * N + 3 * L;
+        float *pA = priv, *pD = pA + dim * N, *pbias = pD + dim;
+        if (by_batch) {
+            memset(priv, 0, sizeof(float) * (size_t)(dim * (N + 2)));
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < batch; ++b) {
+                memset(dB + b * per, 0, sizeof(float) * (size_t)per);
+                memset(dC + b * per, 0, sizeof(float) * (size_t)per);
+                for (int64_t d = 0; d < dim; ++d) {
+                    const int64_t grp = b * per + (d / H) * L * N;
+                    bwd_row(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast, du, ddelta, dz,
+                            pA + d * N, dB + grp, dC + grp, pD + d, pbias + d, scratch, b, d, dim, L, N, G);
                 }
             }
-#pragma omp for schedule(static)
-            for (int64_t i = 0; i < per; ++i) {
-                float sb = 0.0f, sc = 0.0f;
-                for (int k = 0; k < team; ++k) {
-                    sb += work[(size_t)k * (size_t)stride + (size_t)i];
-                    sc += work[(size_t)k * (size_t)stride + (size_t)per + (size_t)i];
+#pragma omp critical
+            {
+                for (int64_t i = 0; i < dim * N; ++i) dA[i] += pA[i];
+                for (int64_t i = 0; i < dim; ++i) {
+                    if (dD) dD[i] += pD[i];
+                    if (ddelta_bias) ddelta_bias[i] += pbias[i];
                 }
-                dB[b * per + i] = sb;
-                dC[b * per + i] = sc;
+            }
+        } else {
+            for (int64_t b = 0; b < batch; ++b) {
+                memset(mine, 0, sizeof(float) * 2 * (size_t)per);
+#pragma omp for schedule(dynamic, 2)
+                for (int64_t d = 0; d < dim; ++d) {
+                    const int64_t grp = (d / H) * L * N;
+                    bwd_row(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast, du, ddelta, dz,
+                            dA + d * N, mine + grp, mine + per + grp, dD ? dD + d : NULL,
+                            ddelta_bias ? ddelta_bias + d : NULL, scratch, b, d, dim, L, N, G);
+                }
+#pragma omp for schedule(static)
+                for (int64_t i = 0; i < per; ++i) {
+                    float sb = 0.0f, sc = 0.0f;
+                    for (int k = 0; k < team; ++k) {
+                        sb += work[(size_t)k * (size_t)stride + (size_t)i];
+                        sc += work[(size_t)k * (size_t)stride + (size_t)per + (size_t)i];
+                    }
+                    dB[b * per + i] = sb;
+                    dC[b * per + i] = sc;
+                }
             }
         }
         FTZ_END

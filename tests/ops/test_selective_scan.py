@@ -164,9 +164,10 @@ def test_tiny_shapes(backend, batch, length, tolerances):
 
 
 @pytest.mark.skipif("compiled" not in CPU_BACKENDS, reason="no C compiler here")
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [2, 3, 4])
 def test_compiled_with_several_threads(monkeypatch, threads, tolerances):
-    """Rows split over threads; dB/dC of a group summed over the threads' buffers."""
+    """batch 3: threads 2 and 3 take whole batch elements; 4 threads split the channels of each
+    batch element and sum their dB/dC buffers."""
     monkeypatch.setattr(_cpu_kernel, "_threads", lambda *_: threads)
     check_against_reference(make_inputs(3, 12, 40, 8, groups=2), True, "compiled", tolerances)
 
