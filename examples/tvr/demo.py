@@ -38,7 +38,7 @@ class DemoConfig:
     seconds: int = 4  # -> 4 frames per clip at CLIP4Clip's 1 frame per second
     fps: int = 4
     video_size: int = 32
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-3
     muse_depth: int = 2
