@@ -264,6 +264,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="bf16 autocast (auto: on for CUDA, off for CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", default=None, metavar="JSON",
+                        help="take the rows of heads not in --heads from this earlier output (e.g. attention and "
+                        "meanP, which do not depend on the scan, after a scan change); they are marked reused_from")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -306,6 +309,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                          f"peak {row['fwdbwd_peak_mib']:.1f} MiB"
             print(f"[{row['label']:>20}] L={row['seq_len']:>6} ({frames}x{grid}x{grid}): {status}", flush=True)
 
+    if args.reuse:  # rows of heads not re-run here, from an earlier JSON of the same sweep
+        earlier = json.loads(Path(args.reuse).read_text())
+        keep = {(r["frames"], r["grid"]) for r in rows}
+        for r in earlier["rows"]:
+            if r["head"] not in args.heads and (r["frames"], r["grid"]) in keep:
+                rows.append({**r, "reused_from": {"path": args.reuse, "git_commit": earlier["machine"]["git_commit"],
+                                                  "date": earlier["machine"]["date"]}})
     summary = summarise(rows, TARGET_WINDOW)
     machine = _common.machine_info(device)
     machine["load_average_before"], machine["load_average_after"] = load_before, _common.load_average()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -176,12 +177,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--grid", type=int, default=7, help="patch grid side of the cached maps (--from_cache)")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="bf16 autocast (auto: on for CUDA, off for CPU)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="subprocess rounds per head, alternating heads; runs are pooled (peak: the largest)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_ratio", action="store_true",
                         help="MUSE step from the feature cache against the online MUSE step, same batch (a ratio)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup = 1, 1
+        args.repeats, args.warmup, args.rounds = 1, 1, 1
         if args.model == "ViT-B-32-quickgelu":
             args.model = TINY_CLIP
         args.batch, args.frames, args.dim = min(args.batch, 2), min(args.frames, 4), min(args.dim, 128)
@@ -205,10 +208,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load_before = _common.load_average()
     rows = []
     for head in HEADS:
-        row = {**base, "head": head, **_common.run_worker(__file__, {**base, "head": head}, args.timeout_s)}
-        rows.append(row)
-        status = row.get("error") or f"step {row['step_s']:.4g} s, peak {row['step_peak_mib']:.1f} MiB"
-        print(f"[{head:>5}] {status}", flush=True)
+        rows.append({**base, "head": head, "step_runs_s": [], "rounds": []})
+    # rounds alternate the heads, so a change in the machine's load hits both alike
+    for round_ in range(args.rounds):
+        for row in rows:
+            res = _common.run_worker(__file__, {**base, "head": row["head"]}, args.timeout_s)
+            row["rounds"].append(res)
+            if "error" in res:
+                row["error"] = res["error"]
+                continue
+            row.update({k: v for k, v in res.items() if k not in ("step_runs_s", "step_peak_mib", "step_s", "step_min_s")})
+            row["step_runs_s"] += res["step_runs_s"]
+            row["step_peak_mib"] = max(row.get("step_peak_mib", 0.0), res["step_peak_mib"])
+            row["step_s"] = statistics.median(row["step_runs_s"])
+            row["step_min_s"] = min(row["step_runs_s"])
+            print(f"[{row['head']:>5}] round {round_ + 1}: step {res['step_s']:.4g} s, peak {res['step_peak_mib']:.1f} MiB",
+                  flush=True)
 
     by_head = {r["head"]: r for r in rows if "error" not in r}
     ratios = {}
