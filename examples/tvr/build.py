@@ -105,6 +105,8 @@ def model_config(model: CLIP4Clip, args: Optional[argparse.Namespace] = None) ->
     if args is not None:
         cfg["clip_source"] = "small" if getattr(args, "small_clip", None) is not None else args.pretrained_clip_name
         cfg["max_frames"] = args.max_frames
+        if getattr(args, "frozen_clip_weights", None):  # CLIP left as these weights: evaluable from their cache
+            cfg["frozen_clip_weights"] = args.frozen_clip_weights
     return cfg
 
 

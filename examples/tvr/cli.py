@@ -39,7 +39,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 HEAD_LR_MULT = {"MUSE": 10.0, "seqTransf": 1.0, "meanP": 1.0}
 #: CLIP4Clip flags accepted for compatibility, with the only value we support (None: any value, ignored).
 _COMPAT = {"loose_type": None, "linear_patch": "2d", "datatype": None, "n_display": None, "local_rank": None,
-           "freeze_layer_num": 0, "train_frame_order": 0, "eval_frame_order": 0, "cache_dir": None,
+           "freeze_layer_num": 0, "train_frame_order": 0, "eval_frame_order": 0,
            "task_type": None, "video_dim": None, "n_gpu": None, "world_size": None, "rank": None,
            "text_num_hidden_layers": None, "visual_num_hidden_layers": None, "margin": None,
            "hard_negative_rate": None, "negative_weighting": None, "n_pair": None, "resume_model": None,
@@ -64,6 +64,8 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     mode.add_argument("--validate", action="store_true", help="count videos/captions/files of every split")
     mode.add_argument("--demo", action="store_true",
                       help="synthetic MSR-VTT-format data + small random CLIP + MUSE on CPU (a few minutes)")
+    mode.add_argument("--cache", action="store_true",
+                      help="(or a leading `cache` word) run the frozen CLIP once over every split into --cache_dir")
 
     data = p.add_argument_group("data")
     data.add_argument("--data_path", help="annotation folder (or MSRVTT_data.json itself)")
@@ -119,6 +121,14 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     opt.add_argument("--frame_chunk_size", type=int, help="encode at most this many frames per CLIP call")
     opt.add_argument("--seed", type=int, default=42)
 
+    cache = p.add_argument_group("feature cache (frozen CLIP; see docs/reproduction.md)")
+    cache.add_argument("--cache_dir", help="--cache: where to write it; --do_train --frozen_clip / --do_eval: "
+                                           "read CLIP's token maps and text features from it (no videos needed)")
+    cache.add_argument("--frozen_clip", action="store_true",
+                       help="freeze CLIP except its logit scale: only the head and the logit scale train")
+    cache.add_argument("--cache_shard_clips", type=int, default=256, help="clips per video shard")
+    cache.add_argument("--cache_shard_texts", type=int, default=8192, help="texts per text shard")
+
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", help=f"default runs/{dataset}_<sim_header>")
     run.add_argument("--resume", nargs="?", const="auto",
@@ -151,8 +161,8 @@ def _apply_compat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse `argv` and fill unset options from `RECIPES[dataset]`; validates flag combinations."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "validate":
-        argv = ["--validate"] + argv[1:]
+    if argv and argv[0] in ("validate", "cache"):
+        argv = [f"--{argv[0]}"] + argv[1:]
     parser = build_parser(dataset)
     args = parser.parse_args(argv)
     _apply_compat(args, parser)
@@ -161,11 +171,21 @@ def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.N
             setattr(args, key, value)
     if args.head_lr_mult is None:
         args.head_lr_mult = HEAD_LR_MULT[args.sim_header]
-    modes = [m for m in ("do_train", "do_eval", "validate", "demo") if getattr(args, m)]
+    modes = [m for m in ("do_train", "do_eval", "validate", "demo", "cache") if getattr(args, m)]
     if len(modes) != 1:
-        parser.error(f"choose exactly one of --do_train, --do_eval, --validate, --demo (got {modes or 'none'})")
-    if not args.demo and (not args.data_path or not args.features_path):
-        parser.error("--data_path and --features_path are required (or run --demo)")
+        parser.error(f"choose exactly one of --do_train, --do_eval, --validate, --demo, --cache (got {modes or 'none'})")
+    args.cache_dir = args.cache_dir or None  # CLIP4Clip scripts pass --cache_dir "" (its download cache)
+    if args.cache and not args.cache_dir:
+        parser.error("--cache needs --cache_dir (the folder to write the cache to)")
+    if args.do_train and args.cache_dir and not args.frozen_clip:
+        parser.error("training from --cache_dir needs --frozen_clip: the cache holds CLIP's outputs, so CLIP "
+                     "cannot be fine-tuned from it")
+    from_cache = bool(args.cache_dir) and (args.do_train or args.do_eval)
+    if not (args.demo or from_cache) and (not args.data_path or not args.features_path):
+        parser.error("--data_path and --features_path are required (or run --demo, or read a --cache_dir)")
+    for name in ("cache_shard_clips", "cache_shard_texts"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.output_dir is None and not args.demo:
         args.output_dir = os.path.join("runs", f"{dataset}_{args.sim_header}")
     if args.random_init_clip and args.small_clip is not None:
@@ -207,7 +227,11 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
 
     info = init_distributed(args.device)
     try:
-        if args.do_train:
+        if args.cache:
+            from .cache import build_cache_from_args
+
+            build_cache_from_args(args, info)
+        elif args.do_train:
             from .train import train
 
             train(args, info)

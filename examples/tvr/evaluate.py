@@ -76,7 +76,7 @@ def encode_videos(model: CLIP4Clip, dataset, info: DistInfo, *, batch_size: int,
     model.eval()
     index, rows = [], []
     for batch in tqdm(loader, desc=desc, disable=not (progress and info.is_main), leave=False, dynamic_ncols=True):
-        video = batch["video"].to(info.device, non_blocking=True)
+        video = (batch["tokens"] if "tokens" in batch else batch["video"]).to(info.device, non_blocking=True)
         mask = batch["video_mask"].to(info.device, non_blocking=True)
         rows.append(model.encode_video(video, mask).float())
         index.append(torch.as_tensor(batch["index"], device=info.device))
@@ -125,10 +125,17 @@ def evaluate_samples(
     video = encode_videos(model, video_ds, info, batch_size=batch_size, num_workers=num_workers,
                           progress=progress, desc=f"{desc} videos")
     text = encode_texts(model, tokenize, [s.text for s in samples], info.device, batch_size=max(batch_size, 64))
+    return score_embeddings(model, text, video, gt, skipped=len(probe.skipped), dsl=dsl, chunk_size=chunk_size)
+
+
+def score_embeddings(model: CLIP4Clip, text: torch.Tensor, video: torch.Tensor, gt: torch.Tensor, *,
+                     skipped: int = 0, dsl: bool = False, chunk_size: int = 4096) -> Dict[str, Any]:
+    """Metrics of normalised `text (Nt, D)` against `video (Nv, D)`, `gt (Nt,)` the clip of every text."""
     sim = chunked_similarity(text, video, chunk_size)
-    gt_or_none = None if (len(clips) == len(samples) and bool((gt == torch.arange(len(gt))).all())) else gt
-    result: Dict[str, Any] = {"metrics": compute_metrics(sim, gt_or_none), "n_texts": len(samples),
-                              "n_videos": len(clips), "skipped": len(probe.skipped)}
+    n_texts, n_videos = text.shape[0], video.shape[0]
+    gt_or_none = None if (n_videos == n_texts and bool((gt == torch.arange(len(gt))).all())) else gt
+    result: Dict[str, Any] = {"metrics": compute_metrics(sim, gt_or_none), "n_texts": n_texts,
+                              "n_videos": n_videos, "skipped": skipped}
     if dsl:
         scale = float(model.logit_scale.detach().exp())
         result["dsl_metrics"] = compute_metrics(dual_softmax(sim, scale), gt_or_none)
@@ -185,13 +192,22 @@ def run_eval(args, info: DistInfo) -> Dict[str, Any]:
         logger.warning("--do_eval without --init_model: evaluating the untrained model")
         model = build_model_from_args(args)
     model.to(info.device)
-    tokenize = make_tokenizer(args.max_words)
-    frames = frame_config(args, model.clip)
     split = args.eval_split
-    result = evaluate_samples(model, load_samples(args, split), tokenize, frames, info,
-                              batch_size=args.batch_size_val, num_workers=args.num_workers,
-                              skip_broken=args.skip_broken_videos, dsl=args.dsl, progress=not args.no_progress,
-                              desc=split)
+    if getattr(args, "cache_dir", None):  # from the feature cache: the model's CLIP must be the cache's
+        from .cache import CachedRetrievalDataset
+        from .cache.training import eval_settings, evaluate_cache
+
+        eval_settings(args, model, args.cache_dir, config if args.init_model else None)
+        result = evaluate_cache(model, CachedRetrievalDataset(args.cache_dir, split), info,
+                                batch_size=args.batch_size_val, num_workers=args.num_workers, dsl=args.dsl,
+                                progress=not args.no_progress, desc=split)
+    else:
+        tokenize = make_tokenizer(args.max_words)
+        frames = frame_config(args, model.clip)
+        result = evaluate_samples(model, load_samples(args, split), tokenize, frames, info,
+                                  batch_size=args.batch_size_val, num_workers=args.num_workers,
+                                  skip_broken=args.skip_broken_videos, dsl=args.dsl, progress=not args.no_progress,
+                                  desc=split)
     out = {k: v for k, v in result.items() if k not in ("text", "video", "gt")}
     if info.is_main:
         out_dir = Path(args.output_dir)

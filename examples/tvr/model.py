@@ -221,9 +221,15 @@ class CLIP4Clip(nn.Module):
 
     # ------------------------------------------------------------------ text
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
-        """`text_ids (B, L)` (zero-padded, end token = max id) -> L2-normalised `(B, D)`."""
+        """`text_ids (B, L)` (zero-padded, end token = max id) -> L2-normalised `(B, D)`.
+
+        Floating-point `(B, D)` input is taken as CLIP's text features already computed (the feature
+        cache's `text_feat`) and only normalised.
+        """
         if text_ids.ndim != 2:
-            raise ValueError(f"text_ids must be (B, L), got shape {tuple(text_ids.shape)}")
+            raise ValueError(f"text_ids must be (B, L) ids or (B, D) cached features, got shape {tuple(text_ids.shape)}")
+        if text_ids.is_floating_point():
+            return F.normalize(text_ids.float(), dim=-1)
         return F.normalize(_backbones().open_clip_text_features(self.clip, text_ids), dim=-1)
 
     # ----------------------------------------------------------------- video
@@ -240,32 +246,46 @@ class CLIP4Clip(nn.Module):
         """Per-frame features before pooling.
 
         Args:
-            video: `(B, T, 3, R, R)` normalised frames, zero on padded frames.
+            video: `(B, T, 3, R, R)` normalised frames, zero on padded frames; or CLIP's token maps
+                already computed, `(B, T, 1+H*W, D)` (the feature cache's `tokens`), which skip CLIP.
             video_mask: `(B, T)`, 1 on real frames.
 
         Returns:
             `(B, T, D)` frame features after the head (zeros on padded frames for MUSE). Only real
             frames go through CLIP.
         """
-        if video.ndim != 5:
-            raise ValueError(f"video must be (B, T, 3, R, R), got shape {tuple(video.shape)}")
+        if video.ndim not in (4, 5):
+            raise ValueError(f"video must be frames (B, T, 3, R, R) or token maps (B, T, 1+H*W, D), got shape "
+                             f"{tuple(video.shape)}")
         if video_mask.shape != video.shape[:2]:
             raise ValueError(f"video_mask must be (B, T) = {tuple(video.shape[:2])}, got {tuple(video_mask.shape)}")
         valid = video_mask.bool()
         if not bool(valid.any(dim=1).all()):
             raise ValueError("every video needs at least one real frame (a row of video_mask is all zero)")
-        feats = self._encode_frames(video[valid])
-        full = feats.new_zeros(*video.shape[:2], *feats.shape[1:])
-        full[valid] = feats
+        if video.ndim == 4:  # cached token maps: row 0 of a frame is CLIP's image embedding
+            full = (video if self.sim_header == "MUSE" else video[:, :, 0]).float()
+            full = full * valid.view(*valid.shape, *([1] * (full.ndim - 2))).to(full.dtype)
+        else:
+            feats = self._encode_frames(video[valid])
+            full = feats.new_zeros(*video.shape[:2], *feats.shape[1:])
+            full[valid] = feats
         return full if self.head is None else self.head(full, video_mask)
 
     def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
         """`video (B, T, 3, R, R)`, `video_mask (B, T)` -> L2-normalised `(B, D)`."""
         return pool_video(self.encode_frames(video, video_mask), video_mask)
 
+    def freeze_clip(self) -> None:
+        """`requires_grad = False` on every CLIP weight but the logit scale (`--frozen_clip`)."""
+        for name, p in self.clip.named_parameters():
+            p.requires_grad_(name == "logit_scale")
+
     def forward(self, text_ids: torch.Tensor, video: torch.Tensor,
                 video_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns text `(B, D)`, video `(B, D)` (both unit norm) and the scalar `logit_scale`."""
+        """Returns text `(B, D)`, video `(B, D)` (both unit norm) and the scalar `logit_scale`.
+
+        `text_ids` / `video` may be cached CLIP outputs instead (see `encode_text`, `encode_frames`).
+        """
         return self.encode_text(text_ids), self.encode_video(video, video_mask), self.clip.logit_scale
 
 

@@ -95,13 +95,15 @@ def train_step(
 
     Args:
         model: the `CLIP4Clip`, possibly wrapped in DDP.
-        batch: `text_ids (N, L)`, `video (N, T, 3, R, R)`, `video_mask (N, T)` on the model's device.
+        batch: `text_ids (N, L)`, `video (N, T, 3, R, R)`, `video_mask (N, T)` on the model's device; from
+            the feature cache, `text_feat (N, D)` and `tokens (N, T, 1+H*W, D)` take their places.
         grad_accum: micro-batches per batch (gradient caching; see the module docstring).
         scaler: an enabled `GradScaler` for fp16; None or disabled otherwise.
     Gradients are accumulated into `.grad`; the caller steps the optimiser.
     """
     core: CLIP4Clip = getattr(model, "module", model)
-    text_ids, video, mask = batch["text_ids"], batch["video"], batch["video_mask"]
+    text_ids = batch["text_feat"] if "text_feat" in batch else batch["text_ids"]
+    video, mask = (batch["tokens"] if "tokens" in batch else batch["video"]), batch["video_mask"]
     device = video.device
     scale = (lambda x: scaler.scale(x)) if scaler is not None else (lambda x: x)
     if grad_accum == 1:
@@ -175,18 +177,17 @@ def train(args: argparse.Namespace, info: DistInfo,
             logger.info("initialised from %s (%d tensors not in it, %d ignored)", args.init_model, len(missing),
                         len(unexpected))
     model.to(info.device)
-    tokenize = make_tokenizer(args.max_words)
-    frames = frame_config(args, model.clip)
+    if args.frozen_clip:  # only the head and CLIP's logit scale train
+        from .cache import weights_identity
 
-    from .data.base import RetrievalDataset
+        model.freeze_clip()
+        args.frozen_clip_weights = weights_identity(args)  # recorded in checkpoints (build.model_config)
+    if args.cache_dir:  # stored CLIP outputs instead of frames (see examples/tvr/cache)
+        from .cache.training import cached_splits
 
-    train_ds = RetrievalDataset(load_samples(args, "train"), tokenize, frames, skip_broken=args.skip_broken_videos)
-    val_samples = load_samples(args, "val") if args.do_val else []
-    test_samples = load_samples(args, "test")
-    select_on_val = bool(val_samples) and not same_samples(val_samples, test_samples)
-    if val_samples and not select_on_val:
-        logger.warning("the validation split is the test split: no model selection on it (the last epoch is "
-                       "kept); pass --val_csv with held-out videos to select on validation")
+        train_ds, evaluate_split, select_on_val = cached_splits(args, model, info)
+    else:
+        train_ds, evaluate_split, select_on_val = _online_splits(args, model, info)
 
     local_batch = per_process_batch(args.batch_size, info.world_size, args.grad_accum)
     loader = make_loader(train_ds, local_batch, info, train=True, seed=args.seed, num_workers=args.num_workers)
@@ -251,9 +252,7 @@ def train(args: argparse.Namespace, info: DistInfo,
         record: Dict[str, Any] = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)),
                                   "seconds": time.time() - t0, "logit_scale": float(model.logit_scale.detach().exp())}
         if select_on_val:
-            val = evaluate_samples(model, val_samples, tokenize, frames, info, batch_size=args.batch_size_val,
-                                   num_workers=args.num_workers, skip_broken=args.skip_broken_videos,
-                                   dsl=False, progress=not args.no_progress, desc="val")
+            val = evaluate_split("val", False)
             record["val"] = val["metrics"]
             score = _score(val["metrics"])
             improved = best is None or score > best
@@ -279,14 +278,33 @@ def train(args: argparse.Namespace, info: DistInfo,
     if best_path.is_file():
         model.load_state_dict(load_checkpoint(best_path, map_location=info.device)["model"])
     if args.do_test:
-        test = evaluate_samples(model, test_samples, tokenize, frames, info, batch_size=args.batch_size_val,
-                                num_workers=args.num_workers, skip_broken=args.skip_broken_videos, dsl=args.dsl,
-                                progress=not args.no_progress, desc="test")
+        test = evaluate_split("test", args.dsl)
         results["test"] = {k: v for k, v in test.items() if k not in ("text", "video", "gt")}
         if info.is_main:
             write_results(results, out_dir, title=f"{args.dataset} test (epoch {best_epoch + 1}, {args.sim_header})")
     barrier()
     return results
+
+
+def _online_splits(args: argparse.Namespace, model: CLIP4Clip, info: DistInfo):
+    """Training set of decoded videos, an evaluation function `(split, dsl) -> result`, select on val?"""
+    from .data.base import RetrievalDataset
+
+    tokenize = make_tokenizer(args.max_words)
+    frames = frame_config(args, model.clip)
+    train_ds = RetrievalDataset(load_samples(args, "train"), tokenize, frames, skip_broken=args.skip_broken_videos)
+    samples = {"val": load_samples(args, "val") if args.do_val else [], "test": load_samples(args, "test")}
+    select_on_val = bool(samples["val"]) and not same_samples(samples["val"], samples["test"])
+    if samples["val"] and not select_on_val:
+        logger.warning("the validation split is the test split: no model selection on it (the last epoch is "
+                       "kept); pass --val_csv with held-out videos to select on validation")
+
+    def evaluate_split(split: str, dsl: bool) -> Dict[str, Any]:
+        return evaluate_samples(model, samples[split], tokenize, frames, info, batch_size=args.batch_size_val,
+                                num_workers=args.num_workers, skip_broken=args.skip_broken_videos, dsl=dsl,
+                                progress=not args.no_progress, desc=split)
+
+    return train_ds, evaluate_split, select_on_val
 
 
 def _save_epoch(args, info: DistInfo, model: CLIP4Clip, optimizer, scheduler, scaler, epoch: int, step: int,
