@@ -2,7 +2,7 @@
 
 The training loop is the online one (`train.train`): the same loss, optimiser groups, schedule,
 checkpoints and evaluation. Only the inputs change: `CachedRetrievalDataset` gives each step the
-stored token maps and text features, CLIP's weights are frozen (`freeze_clip`, so its optimiser group
+stored token maps and text features, CLIP's weights are frozen (`CLIP4Clip.freeze_clip`, so its optimiser group
 holds only the logit scale, still trained at `lr * coef_lr`), and `CLIP4Clip` runs just the head.
 Tests: tests/examples/test_cache_training.py.
 """
@@ -21,18 +21,12 @@ from .dataset import RUN_KEYS, CachedRetrievalDataset, check_settings, load_mani
 from .format import CacheMismatchError
 from .run import run_settings
 
-__all__ = ["freeze_clip", "evaluate_cache", "cached_splits", "eval_settings"]
+__all__ = ["evaluate_cache", "cached_splits", "eval_settings"]
 
 logger = logging.getLogger(__name__)
 
 #: Settings compared when a checkpoint is evaluated from a cache: the CLIP source is the checkpoint's own.
 EVAL_KEYS = tuple(k for k in RUN_KEYS if k not in ("backbone", "weights"))
-
-
-def freeze_clip(model: nn.Module) -> None:
-    """`requires_grad = False` on every CLIP parameter but the logit scale (which keeps training)."""
-    for name, p in model.clip.named_parameters():
-        p.requires_grad_(name == "logit_scale")
 
 
 @torch.no_grad()
