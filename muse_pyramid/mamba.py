@@ -15,8 +15,8 @@ set carries a `_b` suffix (`A_b_log`, `D_b`, `conv1d_b`, `x_proj_b`, `dt_proj_b`
 
 The backward direction runs on the time-reversed `xz`; the output is `out_proj(y_fwd + flip(y_bwd))`.
 
-Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the conv input and
-delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
+Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the input tokens
+(hence the conv input, as `in_proj` has no bias) and delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
 scan state passes through the padding unchanged, and a real token never sees a padded one in either
 direction. Tests: `tests/test_mamba.py`.
 """
@@ -137,11 +137,12 @@ class BiMamba(nn.Module):
         """Names of the parameters that carry no weight decay (A_log, D and their backward twins)."""
         return {name for s in self._suffixes for name in (_a_log(s), f"D{s}")}
 
-    def _direction(self, xz: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
-        """One scan direction. xz: `(B, 2D, L)`; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`."""
-        x, z = xz.chunk(2, dim=1)
-        if mask is not None:
-            x = torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    def _direction(self, x: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
+        """One scan direction. x, z: `(B, D, L)` contiguous; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
+
+        `x` is already zero at padded positions (the input tokens are masked before `in_proj`, which
+        has no bias), so the causal conv never sees padding.
+        """
         conv: nn.Conv1d = getattr(self, f"conv1d{s}")
         x = causal_conv1d(
             x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
@@ -149,7 +150,8 @@ class BiMamba(nn.Module):
         x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        delta = rearrange(dt @ dt_proj.weight.t(), "b l d -> b d l")
+        # (D, R) @ (B, R, L): delta comes out as a contiguous (B, D, L), with no transpose copy.
+        delta = torch.matmul(dt_proj.weight, rearrange(dt, "b l r -> b r l"))
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
         a = -torch.exp(getattr(self, _a_log(s)).float())
@@ -178,11 +180,18 @@ class BiMamba(nn.Module):
             raise ValueError(f"x must have shape (B, L, C) with C = {self.d_model}, got {tuple(x.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-        xz = rearrange(self.in_proj(x), "b l d -> b d l")
-        m = None if mask is None else mask.bool()[:, None, :]
-        y = self._direction(xz, m, "")
+        m = None
+        if mask is not None:
+            m = mask.bool()[:, None, :]
+            x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # in_proj as (D, C) @ (B, C, L): x and z come out as contiguous (B, D, L) maps, so neither the
+        # conv nor the scan has to transpose them (the matmul and the BLC -> BDL layout change in one step).
+        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+        u = rearrange(x, "b l c -> b c l")
+        xs, zs = torch.matmul(w_x, u), torch.matmul(w_z, u)
+        y = self._direction(xs, zs, m, "")
         if self.bidirectional:
-            y_b = self._direction(xz.flip(-1), None if m is None else m.flip(-1), "_b")
+            y_b = self._direction(xs.flip(-1), zs.flip(-1), None if m is None else m.flip(-1), "_b")
             y = y + y_b.flip(-1)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
