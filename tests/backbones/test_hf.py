@@ -16,9 +16,9 @@ def vision_config(**kwargs):
 
 @torch.no_grad()
 def test_vit_b32_map_and_cls():
-    # ViT-B/32's patch size, image size and embedding; a narrow one-block trunk keeps CI fast.
-    config = vision_config(patch_size=32, image_size=224, hidden_size=64, intermediate_size=256,
-                           num_hidden_layers=1, num_attention_heads=1)
+    # The full ViT-B/32 vision tower (width 768, 12 layers, 12 heads, 512-wide projection), random weights.
+    config = vision_config(patch_size=32, image_size=224, hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12)
     model = build(transformers.CLIPVisionModelWithProjection, config)
     x = images(1, 224)
     tokens = hf_clip_tokens(model, x)

@@ -8,10 +8,11 @@ from muse_pyramid.backbones import openai_clip_tokens
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("patch, n_tokens", [(32, 50), (16, 197)], ids=["B32", "B16"])
-def test_map_and_cls(patch, n_tokens):
-    # OpenAI's layout at 224 px with a 512-wide embedding; a narrow one-block tower keeps it fast.
-    model = make_openai_clip(embed_dim=512, image_resolution=224, vision_width=64, vision_layers=1,
+@pytest.mark.parametrize("patch, width, layers, n_tokens", [(32, 768, 12, 50), (16, 64, 1, 197)], ids=["B32", "B16"])
+def test_map_and_cls(patch, width, layers, n_tokens):
+    # OpenAI's layout at 224 px with a 512-wide embedding: the full ViT-B/32 image tower, and a narrow
+    # one-block tower with B/16's patch grid (the text tower stays small: only the image side is tested).
+    model = make_openai_clip(embed_dim=512, image_resolution=224, vision_width=width, vision_layers=layers,
                              vision_patch_size=patch, transformer_width=64, transformer_layers=1)
     x = images(1, 224, seed=patch)
     tokens = openai_clip_tokens(model.visual, x)

@@ -12,10 +12,8 @@ pytestmark = pytest.mark.backbones
 
 @torch.no_grad()
 def test_vit_b32_map_and_cls():
-    # ViT-B/32's patch size, image size and embedding (num_classes=512 makes the head the CLIP projection);
-    # a narrow one-block trunk keeps CI fast (the full-size architecture is tested with open_clip).
-    model = build(timm.create_model, "vit_base_patch32_clip_quickgelu_224", pretrained=False, num_classes=512,
-                  embed_dim=64, depth=1, num_heads=1)
+    # The full ViT-B/32 (num_classes=512 makes the head the CLIP projection), random weights.
+    model = build(timm.create_model, "vit_base_patch32_clip_quickgelu_224", pretrained=False, num_classes=512)
     x = images(1, 224)
     tokens = timm_clip_tokens(model, x)
     assert_token_map(tokens, model(x), (1, 50, 512))
