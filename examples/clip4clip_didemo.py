@@ -16,7 +16,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(1, str(_HERE.parent))
 
-from tvr.cli import main  # noqa: E402
+from tvr.cli import entry_point  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main("didemo"))
+    sys.exit(entry_point("didemo"))

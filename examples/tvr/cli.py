@@ -242,3 +242,13 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     finally:
         cleanup_distributed()
     return 0
+
+
+def entry_point(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
+    """`main` for the command line: a missing file (data, weights, checkpoint, cache) ends the run with a
+    one-line message and exit status 2 instead of a traceback; every other error keeps its traceback."""
+    try:
+        return main(dataset, argv)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from examples.tvr.cli import RECIPES, main, parse_args
+from examples.tvr.cli import RECIPES, entry_point, main, parse_args
 from tests.examples._pipeline_utils import make_tiny_msrvtt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,6 +71,16 @@ def test_missing_clip_weights_name_the_expected_file(tmp_path, monkeypatch):
             "ViT-B/16", "--device", "cpu"]
     with pytest.raises(FileNotFoundError, match="ViT-B-16.pt"):
         main("msrvtt", argv)
+
+
+def test_command_line_reports_a_missing_file_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MUSE_PYRAMID_CLIP_DIR", raising=False)
+    data = make_tiny_msrvtt(tmp_path / "data", n_train=2, n_test=2)
+    argv = ["--do_eval", "--data_path", str(data.root), "--features_path", str(data.features_path), "--output_dir",
+            str(tmp_path / "out"), "--clip_weights_dir", str(tmp_path / "weights"), "--device", "cpu"]
+    assert entry_point("msrvtt", argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "ViT-B-32.pt" in err and "Traceback" not in err
 
 
 def test_validate_mode_prints_counts(tmp_path, capsys):
