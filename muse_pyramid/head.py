@@ -165,13 +165,13 @@ class MUSEHead(nn.Module):
         if c != self.dim:
             raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
         h, w = infer_grid(p - 1, self.grid)
-        mask = check_frame_mask(frame_mask, b, t)
         self._log_backend(tokens)
 
         cls = tokens[:, :, 0]
         patch_map = rearrange(tokens[:, :, 1:], "b t (h w) c -> (b t) c h w", h=h, w=w)
         levels = levels_to_tokens(self.pyramid(patch_map), b)
-        seq, seq_mask, cls_index = self.aggregator(cls, levels, mask)
+        # The aggregator validates frame_mask (shape, at least one real frame per video) once.
+        seq, seq_mask, cls_index = self.aggregator(cls, levels, frame_mask)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 seq = checkpoint(block, seq, seq_mask, use_reentrant=False)
