@@ -150,8 +150,9 @@ class BiMamba(nn.Module):
         x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        # (D, R) @ (B, R, L): delta comes out as a contiguous (B, D, L), with no transpose copy.
-        delta = torch.matmul(dt_proj.weight, rearrange(dt, "b l r -> b r l"))
+        # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and neither
+        # direction of autograd copies a transposed operand (BLAS reads it as it lies).
+        delta = torch.bmm(dt_proj.weight.expand(x.shape[0], -1, -1), rearrange(dt, "b l r -> b r l"))
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
         a = -torch.exp(getattr(self, _a_log(s)).float())
@@ -184,16 +185,18 @@ class BiMamba(nn.Module):
         if mask is not None:
             m = mask.bool()[:, None, :]
             x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        # in_proj as (D, C) @ (B, C, L): x and z come out as contiguous (B, D, L) maps, so neither the
-        # conv nor the scan has to transpose them (the matmul and the BLC -> BDL layout change in one step).
+        # in_proj as batched (D, C) @ (B, C, L): x and z come out as contiguous (B, D, L) maps, so neither
+        # the conv nor the scan transposes them; out_proj likewise as (C, D) @ (B, D, L), whose backward
+        # hands the scan a contiguous (B, D, L) gradient. The result is a (B, L, C) view of a (B, C, L) map.
         w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
         u = rearrange(x, "b l c -> b c l")
-        xs, zs = torch.matmul(w_x, u), torch.matmul(w_z, u)
+        batch = x.shape[0]
+        xs, zs = torch.bmm(w_x.expand(batch, -1, -1), u), torch.bmm(w_z.expand(batch, -1, -1), u)
         y = self._direction(xs, zs, m, "")
         if self.bidirectional:
             y_b = self._direction(xs.flip(-1), zs.flip(-1), None if m is None else m.flip(-1), "_b")
             y = y + y_b.flip(-1)
-        return self.out_proj(rearrange(y, "b d l -> b l d"))
+        return rearrange(torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y), "b c l -> b l c")
 
     def extra_repr(self) -> str:
         return (
