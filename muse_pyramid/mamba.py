@@ -13,7 +13,9 @@ set carries a `_b` suffix (`A_b_log`, `D_b`, `conv1d_b`, `x_proj_b`, `dt_proj_b`
     delta = softplus(dt_proj(dt))
     y     = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
 
-The backward direction runs on the time-reversed `xz`; the output is `out_proj(y_fwd + flip(y_bwd))`.
+The backward direction runs backwards in time on the same `x, z` (an anti-causal conv and a
+reversed scan, the same as flipping `xz`, running the forward recipe and flipping `y` back, but with
+no flipped copies); the output is `out_proj(y_fwd + y_bwd)`.
 
 Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the input tokens
 (hence the conv input, as `in_proj` has no bias) and delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
@@ -138,14 +140,18 @@ class BiMamba(nn.Module):
         return {name for s in self._suffixes for name in (_a_log(s), f"D{s}")}
 
     def _direction(self, x: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
-        """One scan direction. x, z: `(B, D, L)` contiguous; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
+        """One scan direction (`s` = "" forwards, "_b" backwards in time).
+
+        x, z: `(B, D, L)` contiguous; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
 
         `x` is already zero at padded positions (the input tokens are masked before `in_proj`, which
         has no bias), so the causal conv never sees padding.
         """
         conv: nn.Conv1d = getattr(self, f"conv1d{s}")
+        reverse = s == "_b"
         x = causal_conv1d(
-            x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
+            x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", reverse=reverse,
+            backend=self.conv_backend,
         )
         x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -160,11 +166,13 @@ class BiMamba(nn.Module):
         if mask is None:  # bias and softplus fused into the scan
             return selective_scan(
                 x, delta, a, b_ssm, c_ssm, d_skip, z=z, delta_bias=dt_proj.bias.float(),
-                delta_softplus=True, backend=self.scan_backend,
+                delta_softplus=True, reverse=reverse, backend=self.scan_backend,
             )
         delta = F.softplus(delta.float() + dt_proj.bias.float()[:, None])
         delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
-        return selective_scan(x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, backend=self.scan_backend)
+        return selective_scan(
+            x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, reverse=reverse, backend=self.scan_backend
+        )
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Mix a sequence.
@@ -194,8 +202,7 @@ class BiMamba(nn.Module):
         xs, zs = torch.bmm(w_x.expand(batch, -1, -1), u), torch.bmm(w_z.expand(batch, -1, -1), u)
         y = self._direction(xs, zs, m, "")
         if self.bidirectional:
-            y_b = self._direction(xs.flip(-1), zs.flip(-1), None if m is None else m.flip(-1), "_b")
-            y = y + y_b.flip(-1)
+            y = y + self._direction(xs, zs, m, "_b")
         return rearrange(torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y), "b c l -> b l c")
 
     def extra_repr(self) -> str:

@@ -1,6 +1,8 @@
-"""The compiled CPU selective scan: build ``_scan_kernel.c`` on first use, cache it, call it via ctypes.
+"""The compiled CPU kernels: build ``_kernels.c`` on first use, cache it, call it via ctypes.
 
-The kernel is plain C (no torch headers), so the system compiler builds it in about a second.
+Two ops share the one library: the selective scan (``compiled_scan``) and the depthwise causal
+conv1d with SiLU (``compiled_conv``). The source is plain C (no torch headers), so the system
+compiler builds it in about a second.
 The shared library is cached per user in ``$MUSE_PYRAMID_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/muse_pyramid`` or ``~/.cache/muse_pyramid``) under a name keyed by a hash of
 the source, the compiler, its flags and the CPU, and written atomically (compile to a temporary
@@ -27,13 +29,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_scan"]
+__all__ = ["NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_scan", "compiled_conv"]
 
 _logger = logging.getLogger(__name__)
 
 NO_COMPILE_ENV = "MUSE_PYRAMID_NO_COMPILE"
 CACHE_DIR_ENV = "MUSE_PYRAMID_CACHE_DIR"
-_SOURCE = Path(__file__).with_name("_scan_kernel.c")
+_SOURCE = Path(__file__).with_name("_kernels.c")
 # tried in order: the first that compiles wins (OpenMP or -march=native may be unsupported).
 # No -ffast-math: with GCC < 13 it links crtfastmath.o into the shared library, which flips the
 # whole process to flush-to-zero on load. The kernel brings its own vectorisable exp instead.
@@ -98,14 +100,20 @@ def _compile(compiler: str, flags: tuple, source: bytes, out: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.muse_scan_fwd.argtypes = [p] * 8 + [i32] + [p] * 3 + [i64] * 5 + [i32]
+    lib.muse_scan_fwd.argtypes = [p] * 8 + [i32] * 2 + [p] * 3 + [i64] * 5 + [i32]
     lib.muse_scan_fwd.restype = None
-    lib.muse_scan_bwd.argtypes = [p] * 8 + [i32] + [p] * 11 + [i64] * 5 + [i32]
+    lib.muse_scan_bwd.argtypes = [p] * 8 + [i32] * 2 + [p] * 11 + [i64] * 5 + [i32]
     lib.muse_scan_bwd.restype = None
     lib.muse_scan_fwd_work_floats.argtypes = [i64]
     lib.muse_scan_fwd_work_floats.restype = i64
     lib.muse_scan_bwd_work_floats.argtypes = [i64] * 4
     lib.muse_scan_bwd_work_floats.restype = i64
+    lib.muse_conv_fwd.argtypes = [p] * 3 + [i32] * 2 + [p] + [i64] * 4 + [i32]
+    lib.muse_conv_fwd.restype = None
+    lib.muse_conv_bwd.argtypes = [p] * 3 + [i32] * 2 + [p] * 5 + [i64] * 4 + [i32]
+    lib.muse_conv_bwd.restype = None
+    lib.muse_conv_bwd_work_floats.argtypes = [i64]
+    lib.muse_conv_bwd_work_floats.restype = i64
     return lib
 
 
@@ -132,7 +140,7 @@ def load_kernel() -> ctypes.CDLL | None:
         key = hashlib.sha256(
             b"\0".join([source, compiler.encode(), version, " ".join(flags).encode(), _cpu_id().encode()])
         )
-        path = _cache_dir() / f"selective_scan_{key.hexdigest()[:20]}.so"
+        path = _cache_dir() / f"kernels_{key.hexdigest()[:20]}.so"
         try:
             if not path.exists():
                 _compile(compiler, flags, source, path)
@@ -150,8 +158,8 @@ def load_kernel() -> ctypes.CDLL | None:
 
 
 def _threads(batch: int, dim: int, length: int, n_state: int) -> int:
-    """torch's thread count, but one thread per ~2^22 state updates at most: waking threads for a
-    tiny scan costs more than the scan (and a whole time slice on a busy machine)."""
+    """torch's thread count, but one thread per ~2^22 state updates (or conv taps) at most: waking
+    threads for a tiny op costs more than the op (and a whole time slice on a busy machine)."""
     return max(1, min(torch.get_num_threads(), (batch * dim * length * n_state) >> 22))
 
 
@@ -164,10 +172,14 @@ def _like(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _CompiledScan(torch.autograd.Function):
-    """The whole scan (bias, softplus, recurrence, skip, gate) on contiguous fp32 CPU tensors."""
+    """The whole scan (bias, softplus, recurrence, skip, gate) on contiguous fp32 CPU tensors.
+
+    With ``reverse`` the rows of u, delta, z run from the last step to the first, while B and C come
+    in already flipped along time (and their gradients leave flipped): see ``_kernels.c``.
+    """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus):  # noqa: ANN001 - autograd signature
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, reverse):  # noqa: ANN001 - autograd signature
         lib = load_kernel()
         batch, dim, length = u.shape
         groups, n_state = B.shape[1], B.shape[3]
@@ -177,9 +189,9 @@ class _CompiledScan(torch.autograd.Function):
         work = u.new_empty(threads * lib.muse_scan_fwd_work_floats(length))
         inputs = map(_ptr, (u, delta, A, B, C, D, z, delta_bias))
         sizes = (batch, dim, length, n_state, groups, threads)
-        lib.muse_scan_fwd(*inputs, int(softplus), *map(_ptr, (out, last, work)), *sizes)
+        lib.muse_scan_fwd(*inputs, int(softplus), int(reverse), *map(_ptr, (out, last, work)), *sizes)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        ctx.softplus = softplus
+        ctx.softplus, ctx.reverse = softplus, reverse
         ctx.set_materialize_grads(False)
         return out, last
 
@@ -195,8 +207,9 @@ class _CompiledScan(torch.autograd.Function):
         work = u.new_empty(threads * lib.muse_scan_bwd_work_floats(length, n_state, groups, dim))
         inputs = map(_ptr, (u, delta, A, B, C, D, z, delta_bias))
         sizes = (batch, dim, length, n_state, groups, threads)
-        lib.muse_scan_bwd(*inputs, int(ctx.softplus), *map(_ptr, [dout, dlast, *grads, work]), *sizes)
-        return (*grads, None)
+        flags = (int(ctx.softplus), int(ctx.reverse))
+        lib.muse_scan_bwd(*inputs, *flags, *map(_ptr, [dout, dlast, *grads, work]), *sizes)
+        return (*grads, None, None)
 
 
 def compiled_scan(
@@ -209,6 +222,7 @@ def compiled_scan(
     z: torch.Tensor | None,
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole selective scan on the compiled kernel (CPU tensors; computed in fp32).
 
@@ -222,6 +236,8 @@ def compiled_scan(
         z: ``(batch, dim, L)`` or None.
         delta_bias: ``(dim,)`` or None.
         delta_softplus: apply softplus to ``delta + delta_bias``.
+        reverse: scan from the last step to the first (``out`` stays in the input's time order;
+            ``last_state`` is the state after step 0).
 
     Returns:
         ``out (batch, dim, L)`` and ``last_state (batch, dim, N)``, both fp32.
@@ -229,4 +245,56 @@ def compiled_scan(
     args = [
         None if t is None else t.to(torch.float32).contiguous() for t in (u, delta, A, B, C, D, z, delta_bias)
     ]
-    return _CompiledScan.apply(*args, bool(delta_softplus))
+    if reverse:  # the kernel reverses the (batch, dim, L) rows itself; B and C are small
+        args[3], args[4] = args[3].flip(2), args[4].flip(2)
+    return _CompiledScan.apply(*args, bool(delta_softplus), bool(reverse))
+
+
+class _CompiledConv(torch.autograd.Function):
+    """Depthwise causal (or, reversed, anti-causal) conv1d with optional SiLU on contiguous fp32 CPU tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, reverse):  # noqa: ANN001 - autograd signature
+        lib = load_kernel()
+        batch, dim, length = x.shape
+        width = weight.shape[1]
+        out = torch.empty_like(x)
+        threads = _threads(batch, dim, length, 2 * width)
+        sizes = (batch, dim, length, width, threads)
+        lib.muse_conv_fwd(*map(_ptr, (x, weight, bias)), int(silu), int(reverse), _ptr(out), *sizes)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu, ctx.reverse = silu, reverse
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001 - autograd signature
+        x, weight, bias = ctx.saved_tensors
+        batch, dim, length = x.shape
+        width = weight.shape[1]
+        dout = dout.to(torch.float32).contiguous()
+        dx, dw, dbias = torch.empty_like(x), torch.empty_like(weight), _like(bias)
+        lib, threads = load_kernel(), _threads(batch, dim, length, 2 * width)
+        work = x.new_empty(threads * lib.muse_conv_bwd_work_floats(length))
+        sizes = (batch, dim, length, width, threads)
+        flags = (int(ctx.silu), int(ctx.reverse))
+        lib.muse_conv_bwd(*map(_ptr, (x, weight, bias)), *flags, *map(_ptr, (dout, dx, dw, dbias, work)), *sizes)
+        return dx, dw, dbias, None, None
+
+
+def compiled_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool, reverse: bool
+) -> torch.Tensor:
+    """Depthwise causal conv1d on the compiled kernel (CPU tensors; computed in fp32).
+
+    Args:
+        x: ``(batch, dim, L)``.
+        weight: taps ``(dim, width)``; tap ``width - 1`` multiplies the current step.
+        bias: ``(dim,)`` or None.
+        silu: apply SiLU to the result.
+        reverse: convolve backwards in time (anti-causal), as if x were flipped.
+
+    Returns:
+        ``(batch, dim, L)`` fp32.
+    """
+    args = [None if t is None else t.to(torch.float32).contiguous() for t in (x, weight, bias)]
+    return _CompiledConv.apply(*args, bool(silu), bool(reverse))

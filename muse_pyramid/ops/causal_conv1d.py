@@ -4,7 +4,13 @@ For every batch b, channel d and step t, with ``width = weight.shape[1]``::
 
     out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x[..., <0] = 0)
 
-followed by ``silu`` when ``activation`` is "silu"/"swish". In file order: input checks, the
+followed by ``silu`` when ``activation`` is "silu"/"swish". With ``reverse=True`` the convolution
+runs backwards in time (anti-causal), the same as flipping x along time, convolving, and flipping
+the result back::
+
+    out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t + (width - 1) - k]   (x[..., >=L] = 0)
+
+In file order: input checks, the
 readable reference (an explicit sum over the taps), and the dispatching ``causal_conv1d``.
 Tests: ``tests/ops/test_causal_conv1d.py``.
 """
@@ -16,11 +22,12 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from ._cpu_kernel import NO_COMPILE_ENV, compiled_conv, compiled_disabled, load_kernel
 from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
 
-CONV_BACKENDS = ("torch", "cuda")
+CONV_BACKENDS = ("torch", "compiled", "cuda")
 CONV_BACKEND_ENV = "MUSE_PYRAMID_CONV_BACKEND"
 _ACTIVATIONS = (None, "silu", "swish")
 # widths the causal-conv1d CUDA kernel is compiled for
@@ -89,22 +96,40 @@ def causal_conv1d_ref(
 
 
 def _conv_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, reverse: bool
 ) -> torch.Tensor:
     dtype_in, length = x.dtype, x.shape[-1]
     dim, width = weight.shape
-    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :length]
+    # padded on both sides: the first L outputs are the causal ones; with the taps reversed, the
+    # last L are the anti-causal ones (no flipped copy of x)
+    taps = weight.flip(-1) if reverse else weight
+    out = F.conv1d(x.to(weight.dtype), taps.unsqueeze(1), bias, padding=width - 1, groups=dim)
+    out = out[..., width - 1 :] if reverse else out[..., :length]
     if activation is not None:
         out = F.silu(out)
     return out.to(dtype_in)
 
 
-def _resolve(device: torch.device, width: int, backend: str | None) -> str:
+def _resolve(device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
     name = requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
     cuda_fn = cuda_kernel("causal_conv1d", "causal_conv1d_fn")
     if name == AUTO:
-        usable = device.type == "cuda" and cuda_fn is not None and width in _CUDA_WIDTHS
-        return "cuda" if usable else "torch"
+        if device.type == "cuda" and cuda_fn is not None and width in _CUDA_WIDTHS:
+            return "cuda"
+        usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
+        return "compiled" if usable and load_kernel() is not None else "torch"
+    if name == "compiled":
+        if device.type != "cpu":
+            raise RuntimeError(f"causal_conv1d backend 'compiled' runs on the CPU, got tensors on {device}")
+        if dtype == torch.float64:
+            raise RuntimeError("causal_conv1d backend 'compiled' computes in fp32; use backend='torch' for float64")
+        if compiled_disabled():
+            raise RuntimeError(f"causal_conv1d backend 'compiled' is disabled by ${NO_COMPILE_ENV}")
+        if load_kernel() is None:
+            raise RuntimeError(
+                "causal_conv1d backend 'compiled' could not be built (no C compiler, or compiling failed: "
+                "see the logged warning); install gcc or clang or set $CC, or use backend='torch'"
+            )
     if name == "cuda":
         check_cuda_usable(cuda_fn, "causal_conv1d", device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:
@@ -120,14 +145,15 @@ def conv_backend(
     """Name of the backend :func:`causal_conv1d` would use.
 
     Args:
-        tensor_or_device: the ``x`` tensor of a call, or its device.
+        tensor_or_device: the ``x`` tensor of a call (its device and dtype count), or its device.
         backend: the ``backend=`` argument the call would get (None/"auto" for automatic).
         width: the kernel width of the call (the CUDA kernel supports 2 to 4).
 
     Returns:
         One of :data:`CONV_BACKENDS`. Raises RuntimeError when a forced backend is unusable.
     """
-    return _resolve(as_device(tensor_or_device), width, backend)
+    dtype = tensor_or_device.dtype if isinstance(tensor_or_device, torch.Tensor) else torch.float32
+    return _resolve(as_device(tensor_or_device), width, backend, dtype)
 
 
 def causal_conv1d(
@@ -136,6 +162,7 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
+    reverse: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Depthwise causal convolution (left padding ``width - 1``), like ``causal_conv1d_fn``.
@@ -145,6 +172,7 @@ def causal_conv1d(
         weight: taps ``(dim, width)``; tap ``width - 1`` multiplies the current step.
         bias: ``(dim,)``.
         activation: None, "silu" or "swish".
+        reverse: convolve backwards in time (``out[t]`` sees ``x[t:t + width]``), as if x were flipped.
         backend: None/"auto", or one of :data:`CONV_BACKENDS` to force it; the environment
             variable ``MUSE_PYRAMID_CONV_BACKEND`` forces one when the argument is left automatic.
 
@@ -152,8 +180,12 @@ def causal_conv1d(
         ``(batch, dim, L)`` in x's dtype.
     """
     _check_inputs(x, weight, bias, activation)
-    name = _resolve(x.device, weight.shape[1], backend)
+    name = _resolve(x.device, weight.shape[1], backend, x.dtype)
     if name == "cuda":
         fn = cuda_kernel("causal_conv1d", "causal_conv1d_fn")
+        if reverse:  # the CUDA kernel is causal only
+            return fn(x.flip(-1), weight, bias, activation=activation).flip(-1)
         return fn(x, weight, bias, activation=activation)
-    return _conv_torch(x, weight, bias, activation)
+    if name == "compiled":
+        return compiled_conv(x, weight, bias, activation is not None, reverse).to(x.dtype)
+    return _conv_torch(x, weight, bias, activation, reverse)

@@ -259,6 +259,7 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
+    reverse: bool = False,
     backend: str | None = None,
 ) -> ScanOutput:
     """Selective scan with the semantics of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
@@ -276,6 +277,9 @@ def selective_scan(
         delta_bias: added to delta ``(dim,)`` before the optional softplus.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(batch, dim, N)``.
+        reverse: scan from the last step to the first: the same as flipping u, delta, z, B and C
+            along time, scanning, and flipping ``out`` back (``last_state`` is then the state after
+            step 0). The compiled backend does it without flipped copies of u, delta and z.
         backend: None/"auto", or one of :data:`SCAN_BACKENDS` to force it; the environment
             variable ``MUSE_PYRAMID_SCAN_BACKEND`` forces one when the argument is left automatic.
 
@@ -284,6 +288,12 @@ def selective_scan(
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     name = _resolve(u.device, u.dtype, backend)
+    if reverse and name != "compiled":  # flip along time, scan forwards, flip the output back
+        u, delta, B, C, z = (None if t is None else t.flip(-1) for t in (u, delta, B, C, z))
+        result = selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend=name
+        )
+        return (result[0].flip(-1), result[1]) if return_last_state else result.flip(-1)
     if name == "cuda":
         fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -292,7 +302,7 @@ def selective_scan(
         # both cores read B/C time-major: (batch, G, L, N)
         B_t, C_t = (rearrange(_as_groups(t).to(dtype), "b g n l -> b g l n") for t in (B, C))
         if name == "compiled":  # fuses bias, softplus, skip and gate into the kernel
-            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus)
+            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus, reverse)
         else:
             u = u.to(dtype)
             delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)

@@ -61,10 +61,18 @@ def _final_state(out_dir):
     return load_checkpoint(out_dir / CHECKPOINT_NAME)["model"]
 
 
-def _assert_same_training(a, b, res_a, res_b, rtol, atol):
+def _assert_same_training(a, b, res_a, res_b, rtol, atol, outliers=0.0, outlier_atol=0.0):
+    """Same final weights and loss history; with `outliers`, that fraction of the elements of a
+    tensor may be off by up to `outlier_atol` instead."""
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        if not outliers or not a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+            continue
+        diff = (a[key].double() - b[key].double()).abs()
+        off = diff > atol + rtol * b[key].double().abs()
+        assert off.double().mean() <= outliers, f"{key}: {int(off.sum())} of {off.numel()} elements differ"
+        assert diff.max() <= outlier_atol, f"{key}: max difference {diff.max():.3g}"
     for ha, hb in zip(res_a["history"], res_b["history"]):
         assert ha["step"] == hb["step"]
         assert ha["loss"] == pytest.approx(hb["loss"], rel=rtol, abs=atol)
@@ -98,9 +106,11 @@ def test_training_from_cache_is_within_fp16_of_fp32_online(data, cache_dir, tmp_
     res_online = train(online, DistInfo())
     cached = tiny_args(data, tmp_path / "cached", "--frozen_clip", "--cache_dir", str(cache_dir), "--epochs", "1")
     res_cached = train(cached, DistInfo())
-    # fp16 storage perturbs the inputs by <= 2^-11 relative; six Adam steps keep weights within 1e-2
+    # fp16 storage perturbs the inputs by <= 2^-11 relative; six Adam steps (lr 1e-3) keep weights
+    # within 1e-2 relative. Adam normalises each update, so an element whose gradient is near zero
+    # may step the other way: a few per thousand may differ by up to 2 lr per step.
     _assert_same_training(_final_state(tmp_path / "online"), _final_state(tmp_path / "cached"), res_online,
-                          res_cached, rtol=1e-2, atol=1e-3)
+                          res_cached, rtol=1e-2, atol=1e-3, outliers=2e-3, outlier_atol=6 * 2 * 1e-3)
 
 
 def test_evaluation_from_cache_equals_online(data, cache_dir, tmp_path, tolerances):

@@ -1,10 +1,17 @@
-"""causal_conv1d against F.conv1d with explicit left padding, plus dispatch and errors."""
+"""causal_conv1d against F.conv1d with explicit left padding, for every CPU backend and both time
+directions, plus dispatch and errors."""
+
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from muse_pyramid.ops import causal_conv1d, causal_conv1d_ref, conv_backend
+from muse_pyramid.ops import _cpu_kernel, causal_conv1d, causal_conv1d_ref, conv_backend
+
+CPU_BACKENDS = ["torch"] + (["compiled"] if _cpu_kernel.load_kernel() is not None else [])
+FUNCTIONS = [causal_conv1d_ref] + [functools.partial(causal_conv1d, backend=b) for b in CPU_BACKENDS]
+FUNCTION_IDS = ["ref"] + CPU_BACKENDS
 
 
 def conv_f64(x, weight, bias, activation):
@@ -19,20 +26,36 @@ def conv_f64(x, weight, bias, activation):
     return F.silu(out) if activation else out
 
 
-@pytest.mark.parametrize("fn", [causal_conv1d, causal_conv1d_ref])
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=FUNCTION_IDS)
 @pytest.mark.parametrize(
     "width,length,activation,use_bias",
     [(4, 17, "silu", True), (2, 1, None, False), (5, 3, "swish", True), (1, 6, None, True)],
 )
 def test_matches_padded_conv(fn, width, length, activation, use_bias, tolerances):
+    check_against_padded_conv(fn, width, length, activation, use_bias, False, tolerances)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "width,length,activation,use_bias", [(4, 17, "silu", True), (2, 1, None, False), (5, 3, None, True)]
+)
+def test_reverse_is_the_flipped_conv(backend, width, length, activation, use_bias, tolerances):
+    fn = functools.partial(causal_conv1d, backend=backend)
+    check_against_padded_conv(fn, width, length, activation, use_bias, True, tolerances)
+
+
+def check_against_padded_conv(fn, width, length, activation, use_bias, reverse, tolerances):
+    """Values and all gradients against conv_f64 (on the time-flipped input, flipped back, for reverse)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, length, generator=g, requires_grad=True)
     weight = torch.randn(6, width, generator=g, requires_grad=True)
     bias = torch.randn(6, generator=g, requires_grad=True) if use_bias else None
-    out = fn(x, weight, bias, activation)
+    out = fn(x, weight, bias, activation, reverse=True) if reverse else fn(x, weight, bias, activation)
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = conv_f64(ref_leaves[0], ref_leaves[1], ref_leaves[2] if use_bias else None, activation)
+    x_ref = ref_leaves[0].flip(-1) if reverse else ref_leaves[0]
+    ref = conv_f64(x_ref, ref_leaves[1], ref_leaves[2] if use_bias else None, activation)
+    ref = ref.flip(-1) if reverse else ref
     rtol, atol = tolerances[torch.float32]["out"]
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     grad_out = torch.randn(out.shape, generator=g)
@@ -52,8 +75,29 @@ def test_causality():
     torch.testing.assert_close(causal_conv1d(x, weight)[..., :6], causal_conv1d(x2, weight)[..., :6])
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bf16_input_keeps_its_dtype(backend, tolerances):
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(2, 4, 9, generator=g), torch.randn(4, 3, generator=g), torch.randn(4, generator=g)
+    out = causal_conv1d(x.bfloat16(), weight, bias, "silu", backend=backend)
+    assert out.dtype == torch.bfloat16
+    rtol, atol = tolerances[torch.bfloat16]["out"]
+    torch.testing.assert_close(out.float(), causal_conv1d_ref(x, weight, bias, "silu"), rtol=rtol, atol=atol)
+
+
 def test_backend_dispatch(monkeypatch):
+    monkeypatch.delenv("MUSE_PYRAMID_CONV_BACKEND", raising=False)
+    monkeypatch.delenv("MUSE_PYRAMID_NO_COMPILE", raising=False)
+    assert conv_backend(torch.zeros(1)) == CPU_BACKENDS[-1]
+    assert conv_backend(torch.zeros(1, dtype=torch.float64)) == "torch"  # the kernel computes in fp32
+    with pytest.raises(RuntimeError, match="float64"):
+        conv_backend(torch.zeros(1, dtype=torch.float64), backend="compiled")
+    with pytest.raises(RuntimeError, match="CPU"):
+        conv_backend("meta", backend="compiled")
+    monkeypatch.setenv("MUSE_PYRAMID_NO_COMPILE", "1")
     assert conv_backend(torch.zeros(1)) == "torch"
+    with pytest.raises(RuntimeError, match="MUSE_PYRAMID_NO_COMPILE"):
+        conv_backend("cpu", backend="compiled")
     monkeypatch.setenv("MUSE_PYRAMID_CONV_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda"):
         causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4))

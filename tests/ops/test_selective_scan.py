@@ -73,15 +73,28 @@ def assert_rel_close(actual, expected, rtol, atol, name=""):
     )
 
 
+TIME_MAJOR = ("u", "delta", "z", "B", "C")  # the inputs a reverse scan reads backwards
+
+
 def check_against_reference(
-    inputs, softplus, backend, tolerances, grad_names=NAMES, last_state_grad=True, dtype=torch.float32
+    inputs, softplus, backend, tolerances, grad_names=NAMES, last_state_grad=True, dtype=torch.float32,
+    reverse=False,
 ):
-    """Forward values, last state and the gradients of ``grad_names`` against scan_f64."""
+    """Forward values, last state and the gradients of ``grad_names`` against scan_f64 (run on the
+    time-flipped inputs, its output flipped back, for ``reverse``)."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     ours = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
     ref = {k: v.double().clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
-    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
-    out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
+    out, last = selective_scan(
+        **ours, delta_softplus=softplus, return_last_state=True, reverse=reverse, backend=backend
+    )
+    if reverse:
+        out_ref, last_ref = scan_f64(
+            **{k: v.flip(-1) if k in TIME_MAJOR else v for k, v in ref.items()}, delta_softplus=softplus
+        )
+        out_ref = out_ref.flip(-1)
+    else:
+        out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
     assert out.dtype == inputs["u"].dtype and out.shape == inputs["u"].shape
     assert last.dtype == torch.promote_types(dtype, torch.float32) and last.shape == last_ref.shape
     rtol, atol = tolerances[dtype]["out"]
@@ -131,6 +144,20 @@ def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups
         if not flag:
             inputs[name] = None
     check_against_reference(inputs, softplus, backend, tolerances)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("use_z,softplus,groups", [(True, True, 0), (False, False, 2)])
+def test_reverse_is_the_flipped_scan(monkeypatch, backend, threads, use_z, softplus, groups, tolerances):
+    # 3 threads on 2 batch elements split each batch element's channels; 1 thread takes whole ones
+    monkeypatch.setattr(_cpu_kernel, "_threads", lambda *_: threads)
+    inputs = make_inputs(2, 8, 37, 4, groups=groups)
+    if not softplus:
+        inputs["delta"] = inputs["delta"].abs() + 1e-3
+    if not use_z:
+        inputs["z"] = None
+    check_against_reference(inputs, softplus, backend, tolerances, reverse=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -347,7 +374,7 @@ def test_kernel_is_compiled_into_the_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("MUSE_PYRAMID_CACHE_DIR", str(tmp_path))
     lib = _cpu_kernel.load_kernel.__wrapped__()
     assert lib is not None
-    cached = list(tmp_path.glob("selective_scan_*.so"))
+    cached = list(tmp_path.glob("kernels_*.so"))
     assert len(cached) == 1 and not list(tmp_path.glob("tmp*"))  # no temporary left behind
     mtime = cached[0].stat().st_mtime_ns
     assert _cpu_kernel.load_kernel.__wrapped__() is not None  # reused, not rebuilt

@@ -1,4 +1,8 @@
-/* Selective scan on the CPU, fused like mamba_ssm's selective_scan_fn: fp32, OpenMP over rows.
+/* CPU kernels of muse_pyramid: fp32, OpenMP over rows. Two ops live here (one build, one cache):
+ *   - the selective scan, fused like mamba_ssm's selective_scan_fn (muse_scan_*);
+ *   - the depthwise causal conv1d with optional SiLU, like causal_conv1d_fn (muse_conv_*), at the end.
+ *
+ * Selective scan
  *
  * Layouts (all C-contiguous; "row" = one (batch, channel) pair):
  *   u, delta, z, out and their gradients : (batch, dim, L)
@@ -10,6 +14,11 @@
  * Per row:  dt_t = softplus(delta_t + bias)  (softplus optional)
  *           h_t  = exp(dt_t A) * h_{t-1} + dt_t u_t B_t ,  h_{-1} = 0
  *           out_t = (<C_t, h_t> + D u_t) * silu(z_t)
+ * reverse = 1 runs every row from t = L-1 down to 0 (the same as flipping u, delta, z, B, C along
+ * time, scanning, and flipping out back), which the backward direction of a bidirectional Mamba
+ * needs: a reversed row is copied into per-thread scratch, scanned forwards, and copied back
+ * reversed, so no flipped copy of a whole (batch, dim, L) tensor is ever made. The caller passes
+ * B, C (and receives dB, dC) already flipped: they are (batch, G, L, N), 1/H of the size of u.
  * The state of a row lives in a small local array: nothing of size (batch, dim, L, N) exists.
  * The backward recomputes the row's states into per-thread scratch (L x N), then runs the
  * adjoint g_t = dy_t C_t + exp(dt_{t+1} A) * g_{t+1} backwards. For A <= 0 only decays <= 1 are
@@ -71,6 +80,12 @@ static inline float softplus_vec(float x) {
 }
 
 static inline float sigmoid_vec(float x) { return 1.0f / (1.0f + exp_vec(-x)); }
+
+/* dst[t] = src[L - 1 - t] */
+static inline void reverse_copy(const float *restrict src, float *restrict dst, int64_t L) {
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) dst[t] = src[L - 1 - t];
+}
 
 /* dt_t for a whole row: delta_t + bias, softplus optional */
 static inline void row_dt(const float *restrict delta, float bias, int softplus, float *restrict dt,
@@ -240,67 +255,73 @@ static int team_size(void) {
 /* entry points                                                                               */
 
 /* scratch floats per thread */
-int64_t muse_scan_fwd_work_floats(int64_t L) { return L; }
+/* forward: dt, then the reversed row's u, delta, z, out */
+int64_t muse_scan_fwd_work_floats(int64_t L) { return 5 * L; }
+/* row scratch of the backward: states, decays, dt, y, dy, then the reversed row's u, delta, z,
+ * dout, du, ddelta, dz */
+#define BWD_ROW_FLOATS(L, N) ((2 * (L) + 1) * (N) + 10 * (L))
 int64_t muse_scan_bwd_work_floats(int64_t L, int64_t N, int64_t G, int64_t dim) {
-    /* dB, dC of one batch element, then one row's states, decays, dt, y, dy, then private dA, dD,
-     * d(delta_bias) */
-    return 2 * G * L * N + (2 * L + 1) * N + 3 * L + dim * (N + 2);
+    /* dB, dC of one batch element, then one row's scratch, then private dA, dD, d(delta_bias) */
+    return 2 * G * L * N + BWD_ROW_FLOATS(L, N) + dim * (N + 2);
 }
 
 void muse_scan_fwd(const float *u, const float *delta, const float *A, const float *B,
                    const float *C, const float *D, const float *z, const float *delta_bias,
-                   int softplus, float *out, float *last, float *work, int64_t batch, int64_t dim,
-                   int64_t L, int64_t N, int64_t G, int nthreads) {
+                   int softplus, int reverse, float *out, float *last, float *work, int64_t batch,
+                   int64_t dim, int64_t L, int64_t N, int64_t G, int nthreads) {
     const int64_t H = dim / G;
 #pragma omp parallel num_threads(nthreads)
     {
         FTZ_BEGIN
         float *dt = work + (size_t)thread_id() * (size_t)muse_scan_fwd_work_floats(L);
+        float *ubuf = dt + L, *deltabuf = ubuf + L, *zbuf = deltabuf + L, *obuf = zbuf + L;
 #pragma omp for collapse(2) schedule(dynamic, 4)
         for (int64_t b = 0; b < batch; ++b)
             for (int64_t d = 0; d < dim; ++d) {
                 const int64_t row = (b * dim + d) * L, bc = (b * G + d / H) * L * N;
-                float *restrict o = out + row;
-                const float *restrict ur = u + row;
-                row_dt(delta + row, delta_bias ? delta_bias[d] : 0.0f, softplus, dt, L);
+                const float *ur = u + row, *dr = delta + row, *zr = z ? z + row : NULL;
+                float *o = out + row;
+                if (reverse) {
+                    reverse_copy(ur, ubuf, L);
+                    reverse_copy(dr, deltabuf, L);
+                    if (zr) reverse_copy(zr, zbuf, L);
+                    ur = ubuf, dr = deltabuf, zr = zr ? zbuf : NULL, o = obuf;
+                }
+                row_dt(dr, delta_bias ? delta_bias[d] : 0.0f, softplus, dt, L);
 #define FWD_CALL(NN) fwd_row(ur, dt, A + d * N, B + bc, C + bc, o, last + (b * dim + d) * N, L, NN)
                 DISPATCH_N(N, FWD_CALL)
 #undef FWD_CALL
                 const float Dd = D ? D[d] : 0.0f;
-                if (z) {
-                    const float *restrict zr = z + row;
+                if (zr) {
 #pragma omp simd
                     for (int64_t t = 0; t < L; ++t) o[t] = (o[t] + Dd * ur[t]) * zr[t] * sigmoid_vec(zr[t]);
                 } else if (D) {
 #pragma omp simd
                     for (int64_t t = 0; t < L; ++t) o[t] += Dd * ur[t];
                 }
+                if (reverse) reverse_copy(obuf, out + row, L);
             }
         FTZ_END
     }
 }
 
-/* Backward of one row (b, d). dB_g/dC_g: (L, N) accumulators of the row's group; dA_d (N),
- * dD_d, dbias_d: accumulators of channel d. scratch: (2 L + 1) N + 3 L floats. */
-static void bwd_row(const float *u, const float *delta, const float *A, const float *B,
-                    const float *C, const float *D, const float *z, const float *delta_bias,
-                    int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
-                    float *dz, float *dA_d, float *dB_g, float *dC_g, float *dD_d, float *dbias_d,
-                    float *scratch, int64_t b, int64_t d, int64_t dim, int64_t L, int64_t N,
-                    int64_t G) {
-    const int64_t row = (b * dim + d) * L, bc = (b * G + d / (dim / G)) * L * N;
+/* Backward of one row, given as pointers to its (L,) slices of u, delta, z (NULL when absent),
+ * dout and the outputs du, ddelta, dz; A_d (N,) and bc_B/bc_C: the row's (L, N) group of B, C.
+ * dB_g/dC_g: (L, N) accumulators of the row's group; dA_d (N), dD_d, dbias_d: accumulators of
+ * channel d. scratch: BWD_ROW_FLOATS(L, N) floats (the reversed-row buffers are not used here). */
+static void bwd_row(const float *ur, const float *dr, const float *A_d, const float *B_g,
+                    const float *C_g, float Dd, const float *zr, float bias, int use_bias,
+                    int softplus, const float *dor, const float *dlast_row, float *dur, float *ddr,
+                    float *dzr, float *dA_d, float *dB_g, float *dC_g, float *dD_d, float *dbias_d,
+                    float *scratch, int64_t L, int64_t N) {
     float *hs = scratch, *as = hs + (L + 1) * N, *dt = as + L * N, *y = dt + L, *dy = y + L;
-    const float *restrict ur = u + row, *restrict dor = dout + row;
-    const float bias = delta_bias ? delta_bias[d] : 0.0f, Dd = D ? D[d] : 0.0f;
-    row_dt(delta + row, bias, softplus, dt, L);
-#define REC_CALL(NN) recompute_row(ur, dt, A + d * N, B + bc, C + bc, hs, as, y, L, NN)
+    row_dt(dr, bias, softplus, dt, L);
+#define REC_CALL(NN) recompute_row(ur, dt, A_d, B_g, C_g, hs, as, y, L, NN)
     DISPATCH_N(N, REC_CALL)
 #undef REC_CALL
     /* through the gate and the skip: dy = dL/d<C_t, h_t> */
     float dD_row = 0.0f;
-    if (z) {
-        const float *restrict zr = z + row;
-        float *restrict dzr = dz + row;
+    if (zr) {
 #pragma omp simd reduction(+ : dD_row)
         for (int64_t t = 0; t < L; ++t) {
             const float s = sigmoid_vec(zr[t]), pre = y[t] + Dd * ur[t];
@@ -315,30 +336,56 @@ static void bwd_row(const float *u, const float *delta, const float *A, const fl
             dD_row += dy[t] * ur[t];
         }
     }
-    float *restrict dur = du + row, *restrict ddr = ddelta + row;
-    const float *dlast_row = dlast ? dlast + (b * dim + d) * N : NULL;
-#define ADJ_CALL(NN) \
-    adjoint_row(ur, dt, A + d * N, B + bc, C + bc, dy, dlast_row, hs, as, dur, ddr, dA_d, dB_g, dC_g, L, NN)
+#define ADJ_CALL(NN) adjoint_row(ur, dt, A_d, B_g, C_g, dy, dlast_row, hs, as, dur, ddr, dA_d, dB_g, dC_g, L, NN)
     DISPATCH_N(N, ADJ_CALL)
 #undef ADJ_CALL
-    if (D) {
+    if (dD_d) {
 #pragma omp simd
         for (int64_t t = 0; t < L; ++t) dur[t] += Dd * dy[t];
         *dD_d += dD_row;
     }
     if (softplus) {
-        const float *restrict dr = delta + row;
 #pragma omp simd
         for (int64_t t = 0; t < L; ++t) {
             const float x = dr[t] + bias;
             ddr[t] *= x > 20.0f ? 1.0f : sigmoid_vec(x);
         }
     }
-    if (delta_bias) {
+    if (use_bias) {
         float s = 0.0f;
 #pragma omp simd reduction(+ : s)
         for (int64_t t = 0; t < L; ++t) s += ddr[t];
         *dbias_d += s;
+    }
+}
+
+/* bwd_row for row (b, d) of the full tensors, through reversed copies when `reverse` */
+static void bwd_row_at(const float *u, const float *delta, const float *A, const float *B,
+                       const float *C, const float *D, const float *z, const float *delta_bias,
+                       int softplus, int reverse, const float *dout, const float *dlast, float *du,
+                       float *ddelta, float *dz, float *dA_d, float *dB_g, float *dC_g, float *dD_d,
+                       float *dbias_d, float *scratch, int64_t b, int64_t d, int64_t dim, int64_t L,
+                       int64_t N, int64_t G) {
+    const int64_t row = (b * dim + d) * L, bc = (b * G + d / (dim / G)) * L * N;
+    const float *ur = u + row, *dr = delta + row, *zr = z ? z + row : NULL, *dor = dout + row;
+    float *dur = du + row, *ddr = ddelta + row, *dzr = dz ? dz + row : NULL;
+    float *rbuf = scratch + (2 * L + 1) * N + 3 * L; /* 7 L floats for a reversed row */
+    if (reverse) {
+        reverse_copy(ur, rbuf, L);
+        reverse_copy(dr, rbuf + L, L);
+        if (zr) reverse_copy(zr, rbuf + 2 * L, L);
+        reverse_copy(dor, rbuf + 3 * L, L);
+        ur = rbuf, dr = rbuf + L, zr = zr ? rbuf + 2 * L : NULL, dor = rbuf + 3 * L;
+        dur = rbuf + 4 * L, ddr = rbuf + 5 * L, dzr = dzr ? rbuf + 6 * L : NULL;
+    }
+    bwd_row(ur, dr, A + d * N, B + bc, C + bc, D ? D[d] : 0.0f, zr,
+            delta_bias ? delta_bias[d] : 0.0f, delta_bias != NULL, softplus, dor,
+            dlast ? dlast + (b * dim + d) * N : NULL, dur, ddr, dzr, dA_d, dB_g, dC_g, D ? dD_d : NULL,
+            dbias_d, scratch, L, N);
+    if (reverse) {
+        reverse_copy(dur, du + row, L);
+        reverse_copy(ddr, ddelta + row, L);
+        if (dzr) reverse_copy(dzr, dz + row, L);
     }
 }
 
@@ -350,8 +397,8 @@ static void bwd_row(const float *u, const float *delta, const float *A, const fl
  * summed after every batch element. */
 void muse_scan_bwd(const float *u, const float *delta, const float *A, const float *B,
                    const float *C, const float *D, const float *z, const float *delta_bias,
-                   int softplus, const float *dout, const float *dlast, float *du, float *ddelta,
-                   float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
+                   int softplus, int reverse, const float *dout, const float *dlast, float *du,
+                   float *ddelta, float *dA, float *dB, float *dC, float *dD, float *dz, float *ddelta_bias,
                    float *work, int64_t batch, int64_t dim, int64_t L, int64_t N, int64_t G,
                    int nthreads) {
     const int64_t H = dim / G, per = G * L * N, stride = muse_scan_bwd_work_floats(L, N, G, dim);
@@ -364,7 +411,7 @@ void muse_scan_bwd(const float *u, const float *delta, const float *A, const flo
         FTZ_BEGIN
         const int team = team_size();
         float *mine = work + (size_t)thread_id() * (size_t)stride;
-        float *scratch = mine + 2 * per, *priv = scratch + (2 * L + 1) * N + 3 * L;
+        float *scratch = mine + 2 * per, *priv = scratch + BWD_ROW_FLOATS(L, N);
         float *pA = priv, *pD = pA + dim * N, *pbias = pD + dim;
         if (by_batch) {
             memset(priv, 0, sizeof(float) * (size_t)(dim * (N + 2)));
@@ -374,8 +421,9 @@ void muse_scan_bwd(const float *u, const float *delta, const float *A, const flo
                 memset(dC + b * per, 0, sizeof(float) * (size_t)per);
                 for (int64_t d = 0; d < dim; ++d) {
                     const int64_t grp = b * per + (d / H) * L * N;
-                    bwd_row(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast, du, ddelta, dz,
-                            pA + d * N, dB + grp, dC + grp, pD + d, pbias + d, scratch, b, d, dim, L, N, G);
+                    bwd_row_at(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, dout, dlast, du,
+                               ddelta, dz, pA + d * N, dB + grp, dC + grp, pD + d, pbias + d, scratch, b, d,
+                               dim, L, N, G);
                 }
             }
 #pragma omp critical
@@ -392,9 +440,9 @@ void muse_scan_bwd(const float *u, const float *delta, const float *A, const flo
 #pragma omp for schedule(dynamic, 2)
                 for (int64_t d = 0; d < dim; ++d) {
                     const int64_t grp = (d / H) * L * N;
-                    bwd_row(u, delta, A, B, C, D, z, delta_bias, softplus, dout, dlast, du, ddelta, dz,
-                            dA + d * N, mine + grp, mine + per + grp, dD ? dD + d : NULL,
-                            ddelta_bias ? ddelta_bias + d : NULL, scratch, b, d, dim, L, N, G);
+                    bwd_row_at(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, dout, dlast, du,
+                               ddelta, dz, dA + d * N, mine + grp, mine + per + grp, dD ? dD + d : NULL,
+                               ddelta_bias ? ddelta_bias + d : NULL, scratch, b, d, dim, L, N, G);
                 }
 #pragma omp for schedule(static)
                 for (int64_t i = 0; i < per; ++i) {
@@ -409,5 +457,109 @@ void muse_scan_bwd(const float *u, const float *delta, const float *A, const flo
             }
         }
         FTZ_END
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* depthwise causal conv1d (+ SiLU)                                                            */
+/*                                                                                            */
+/* x, out, dout, dx: (batch, dim, L); w, dw: (dim, W); bias, dbias: (dim,) or NULL.            */
+/*   causal  (reverse = 0): pre_t = bias + sum_k w_k x_{t - (W-1) + k}                         */
+/*   reverse (reverse = 1): pre_t = bias + sum_k w_k x_{t + (W-1) - k}                         */
+/*   out_t = silu(pre_t) when silu, else pre_t; out-of-range x are 0.                          */
+/* One pass over the row per tap keeps the inner loop a plain vectorisable axpy.               */
+
+static void conv_row(const float *restrict x, const float *restrict w, float bias, int reverse,
+                     float *restrict pre, int64_t L, int64_t W) {
+#pragma omp simd
+    for (int64_t t = 0; t < L; ++t) pre[t] = bias;
+    for (int64_t k = 0; k < W; ++k) {
+        const int64_t shift = W - 1 - k;
+        if (shift >= L) continue;
+        const float wk = w[k];
+        if (reverse) {
+#pragma omp simd
+            for (int64_t t = 0; t < L - shift; ++t) pre[t] += wk * x[t + shift];
+        } else {
+#pragma omp simd
+            for (int64_t t = shift; t < L; ++t) pre[t] += wk * x[t - shift];
+        }
+    }
+}
+
+void muse_conv_fwd(const float *x, const float *w, const float *bias, int silu, int reverse, float *out,
+                   int64_t batch, int64_t dim, int64_t L, int64_t W, int nthreads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t d = 0; d < dim; ++d) {
+            const int64_t row = (b * dim + d) * L;
+            float *restrict o = out + row;
+            conv_row(x + row, w + d * W, bias ? bias[d] : 0.0f, reverse, o, L, W);
+            if (silu) {
+#pragma omp simd
+                for (int64_t t = 0; t < L; ++t) o[t] *= sigmoid_vec(o[t]);
+            }
+        }
+}
+
+/* scratch floats per thread of the conv backward */
+int64_t muse_conv_bwd_work_floats(int64_t L) { return L; }
+
+/* Each thread owns whole channels (all batch elements of them), so dw and dbias need no reduction. */
+void muse_conv_bwd(const float *x, const float *w, const float *bias, int silu, int reverse,
+                   const float *dout, float *dx, float *dw, float *dbias, float *work, int64_t batch,
+                   int64_t dim, int64_t L, int64_t W, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *restrict dpre = work + (size_t)thread_id() * (size_t)muse_conv_bwd_work_floats(L);
+#pragma omp for schedule(static)
+        for (int64_t d = 0; d < dim; ++d) {
+            const float *restrict wd = w + d * W;
+            float *restrict dwd = dw + d * W;
+            float db = 0.0f;
+            for (int64_t k = 0; k < W; ++k) dwd[k] = 0.0f;
+            for (int64_t b = 0; b < batch; ++b) {
+                const int64_t row = (b * dim + d) * L;
+                const float *restrict xr = x + row, *restrict dor = dout + row;
+                float *restrict dxr = dx + row;
+                if (silu) { /* recompute the pre-activation, then d silu(p) / dp = s (1 + p (1 - s)) */
+                    conv_row(xr, wd, bias ? bias[d] : 0.0f, reverse, dpre, L, W);
+#pragma omp simd
+                    for (int64_t t = 0; t < L; ++t) {
+                        const float p = dpre[t], s = sigmoid_vec(p);
+                        dpre[t] = dor[t] * s * (1.0f + p * (1.0f - s));
+                    }
+                } else {
+                    memcpy(dpre, dor, sizeof(float) * (size_t)L);
+                }
+                float sb = 0.0f;
+#pragma omp simd reduction(+ : sb)
+                for (int64_t t = 0; t < L; ++t) sb += dpre[t];
+                db += sb;
+#pragma omp simd
+                for (int64_t t = 0; t < L; ++t) dxr[t] = 0.0f;
+                for (int64_t k = 0; k < W; ++k) {
+                    const int64_t shift = W - 1 - k;
+                    if (shift >= L) continue;
+                    const float wk = wd[k];
+                    float sw = 0.0f;
+                    if (reverse) { /* pre_t += w_k x_{t + shift} */
+#pragma omp simd reduction(+ : sw)
+                        for (int64_t t = 0; t < L - shift; ++t) {
+                            sw += dpre[t] * xr[t + shift];
+                            dxr[t + shift] += wk * dpre[t];
+                        }
+                    } else { /* pre_t += w_k x_{t - shift} */
+#pragma omp simd reduction(+ : sw)
+                        for (int64_t t = shift; t < L; ++t) {
+                            sw += dpre[t] * xr[t - shift];
+                            dxr[t - shift] += wk * dpre[t];
+                        }
+                    }
+                    dwd[k] += sw;
+                }
+            }
+            if (dbias) dbias[d] = db;
+        }
     }
 }
