@@ -11,7 +11,9 @@ One step, as in CLIP4Clip fine-tuning with the whole CLIP trainable:
 The CLIP is random-initialised (``open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)``);
 weights do not change the cost. Frames and captions are random. Reported per head: the median step
 time after warm-up and the peak extra memory of one step (after the optimizer state exists; see
-`_common.py`), and the MUSE / meanP ratios. Each head runs in its own subprocess.
+`_common.py`), the matmul and convolution FLOPs of one step (``torch.utils.flop_counter``: the
+arithmetic floor of the time ratio; the scan and elementwise work are not counted), and the
+MUSE / meanP ratios. Each head runs in its own subprocess.
 
 ``--from_cache`` times the head-only step instead: random token maps of the same shape stand in for
 cached CLIP outputs, the text embeddings are fixed random vectors, and only the head (and the logit
@@ -149,6 +151,12 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     mem = _common.peak_memory(step, device)
     timing = _common.time_runs(step, device, warmup=0, repeats=cfg["repeats"], budget_s=cfg["budget_s"],
                                first_call_s=mem["call_s"])
+    # the arithmetic floor: matmul and convolution FLOPs of one step (torch's counter; the scan, the
+    # causal conv kernel and elementwise ops are not counted)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
     n_params = sum(p.numel() for p in params)
     return {
         **cfg, "dim": dim, "grid": list(grid), "trainable_params": n_params,
@@ -157,6 +165,7 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
         "scan_backend_used": scan_backend(torch.empty(0, device=device)) if head is not None else None,
         "step_s": timing["median_s"], "step_min_s": timing["min_s"], "step_runs_s": timing["runs_s"],
         "step_peak_mib": mem["peak_bytes"] / _common.MIB, "memory_method": mem["method"],
+        "step_gflop": counter.get_total_flops() / 1e9,
     }
 
 
@@ -231,20 +240,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         m, p = by_head["MUSE"], by_head["meanP"]
         ratios = {"step_time_muse_over_meanp": m["step_s"] / p["step_s"],
                   "step_min_time_muse_over_meanp": m["step_min_s"] / p["step_min_s"],
-                  "step_peak_muse_over_meanp": m["step_peak_mib"] / max(p["step_peak_mib"], 1e-9)}
+                  "step_peak_muse_over_meanp": m["step_peak_mib"] / max(p["step_peak_mib"], 1e-9),
+                  "step_gflop_muse_over_meanp": m["step_gflop"] / max(p["step_gflop"], 1e-9)}
     machine = _common.machine_info(device)
     machine["load_average_before"], machine["load_average_after"] = load_before, _common.load_average()
     payload = {"benchmark": "step_from_cache" if args.from_cache else "step", "quick": args.quick,
                "machine": machine, "settings": base, "rows": rows, "ratios": ratios}
     cols = [("head", "head"), ("model", "model"), ("B", "batch"), ("T", "frames"), ("L", "seq_len"),
             ("trainable params", "trainable_params"), ("step s (median)", "step_s"), ("step s (min)", "step_min_s"),
-            ("peak extra MiB", "step_peak_mib"), ("timed steps", "n_runs"), ("error", "error")]
+            ("peak extra MiB", "step_peak_mib"), ("GFLOP (matmul + conv)", "step_gflop"), ("timed steps", "n_runs"),
+            ("error", "error")]
     text = _common.markdown_table([{**r, "n_runs": len(r.get("step_runs_s", [])) or None} for r in rows], cols)
     if ratios:
         text += "\n\n" + _common.markdown_table(
             [ratios], [("time MUSE / meanP (median)", "step_time_muse_over_meanp"),
                        ("time MUSE / meanP (min)", "step_min_time_muse_over_meanp"),
-                       ("peak memory MUSE / meanP", "step_peak_muse_over_meanp")])
+                       ("peak memory MUSE / meanP", "step_peak_muse_over_meanp"),
+                       ("matmul + conv FLOPs MUSE / meanP", "step_gflop_muse_over_meanp")])
     out = _common.write_outputs(args.out, payload, text)
     print(text)
     print(f"\nwrote {out}")

@@ -95,6 +95,9 @@ def test_bench_step_quick(tmp_path, from_cache):
     ratios = payload["ratios"]
     assert ratios["step_time_muse_over_meanp"] == pytest.approx(rows["MUSE"]["step_s"] / rows["meanP"]["step_s"])
     assert ratios["step_peak_muse_over_meanp"] > 0
+    if not from_cache:  # the head adds matmul and conv work on top of CLIP's
+        assert rows["MUSE"]["step_gflop"] > rows["meanP"]["step_gflop"] > 0
+        assert ratios["step_gflop_muse_over_meanp"] > 1
 
 
 def test_loglog_slope_recovers_power():
