@@ -7,7 +7,7 @@ library's own pooled image embedding. `encode_video` turns frames ``(B, T, 3, H,
 
 | source                               | tokens               | extra                        |
 |--------------------------------------|----------------------|------------------------------|
-| open_clip ``CLIP``                   | `open_clip_tokens`   | ``muse-pyramid[open_clip]``  |
+| open_clip ``CLIP``                   | `open_clip_tokens`   | ``muse-pyramid[openclip]``  |
 | Hugging Face ``CLIPModel`` & co.     | `hf_clip_tokens`     | ``muse-pyramid[hf]``         |
 | timm ``vit_*_clip_*``                | `timm_clip_tokens`   | ``muse-pyramid[timm]``       |
 | OpenAI / CLIP4Clip ``CLIP`` module   | `openai_clip_tokens` | none                         |

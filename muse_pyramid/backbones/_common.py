@@ -27,7 +27,7 @@ __all__ = ["QuickGELUMismatchWarning", "check_quick_gelu", "uses_quick_gelu"]
 logger = logging.getLogger(__name__)
 
 # The pip extra that installs each optional backbone library.
-EXTRAS = {"open_clip": "open_clip", "timm": "timm", "transformers": "hf", "safetensors": "examples"}
+EXTRAS = {"open_clip": "openclip", "timm": "timm", "transformers": "hf", "safetensors": "examples"}
 
 
 def require(module: str) -> ModuleType:
