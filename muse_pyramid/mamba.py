@@ -39,6 +39,12 @@ from .ops import causal_conv1d, selective_scan
 __all__ = ["BiMamba"]
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """True for an `nn.Linear` itself with no hooks: its weight may be used directly, in another layout.
+    A subclass, a wrapper (LoRA & co.) or a hooked Linear is called as a module instead."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def _a_log(suffix: str) -> str:
     """Vim's name for A of a direction: `A_log` forward, `A_b_log` backward (the only irregular name)."""
     return "A_log" if not suffix else f"A{suffix}_log"
@@ -156,19 +162,24 @@ class BiMamba(nn.Module):
         x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and neither
-        # direction of autograd copies a transposed operand (BLAS reads it as it lies).
-        delta = torch.bmm(dt_proj.weight.expand(x.shape[0], -1, -1), rearrange(dt, "b l r -> b r l"))
+        if _plain_linear(dt_proj):
+            # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and
+            # neither direction of autograd copies a transposed operand (BLAS reads it as it lies).
+            delta = torch.bmm(dt_proj.weight.expand(x.shape[0], -1, -1), rearrange(dt, "b l r -> b r l"))
+            bias = dt_proj.bias
+        else:  # the module's own forward, bias included
+            delta, bias = rearrange(dt_proj(dt), "b l d -> b d l").contiguous(), None
         b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
         c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
         a = -torch.exp(getattr(self, _a_log(s)).float())
         d_skip = getattr(self, f"D{s}").float()
+        bias = None if bias is None else bias.float()
         if mask is None:  # bias and softplus fused into the scan
             return selective_scan(
-                x, delta, a, b_ssm, c_ssm, d_skip, z=z, delta_bias=dt_proj.bias.float(),
+                x, delta, a, b_ssm, c_ssm, d_skip, z=z, delta_bias=bias,
                 delta_softplus=True, reverse=reverse, backend=self.scan_backend,
             )
-        delta = F.softplus(delta.float() + dt_proj.bias.float()[:, None])
+        delta = F.softplus(delta.float() if bias is None else delta.float() + bias[:, None])
         delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
         return selective_scan(
             x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, reverse=reverse, backend=self.scan_backend
@@ -182,7 +193,7 @@ class BiMamba(nn.Module):
             mask: `(B, L)` bool, True on real tokens, which must come before the padding; None = all real.
 
         Returns:
-            `(B, L, C)`; rows at padded positions are defined but meaningless.
+            `(B, L, C)` (not necessarily contiguous); rows at padded positions are defined but meaningless.
         """
         check_tensor("x", x, 3, "(B, L, C)")
         if x.shape[-1] != self.d_model:
@@ -195,15 +206,22 @@ class BiMamba(nn.Module):
             x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         # in_proj as batched (D, C) @ (B, C, L): x and z come out as contiguous (B, D, L) maps, so neither
         # the conv nor the scan transposes them; out_proj likewise as (C, D) @ (B, D, L), whose backward
-        # hands the scan a contiguous (B, D, L) gradient. The result is a (B, L, C) view of a (B, C, L) map.
-        w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-        u = rearrange(x, "b l c -> b c l")
+        # hands the scan a contiguous (B, D, L) gradient. The result is then a (B, L, C) view of a
+        # (B, C, L) map. Wrapped or hooked projections run as modules, with the transposes.
         batch = x.shape[0]
-        xs, zs = torch.bmm(w_x.expand(batch, -1, -1), u), torch.bmm(w_z.expand(batch, -1, -1), u)
+        if _plain_linear(self.in_proj):
+            w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
+            u = rearrange(x, "b l c -> b c l")
+            xs, zs = torch.bmm(w_x.expand(batch, -1, -1), u), torch.bmm(w_z.expand(batch, -1, -1), u)
+        else:
+            xz = rearrange(self.in_proj(x), "b l d -> b d l")
+            xs, zs = (t.contiguous() for t in xz.chunk(2, dim=1))
         y = self._direction(xs, zs, m, "")
         if self.bidirectional:
             y = y + self._direction(xs, zs, m, "_b")
-        return rearrange(torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y), "b c l -> b l c")
+        if _plain_linear(self.out_proj):
+            return rearrange(torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y), "b c l -> b l c")
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def extra_repr(self) -> str:
         return (

@@ -85,6 +85,45 @@ def test_forward_matches_reference(bidirectional, expand):
     torch.testing.assert_close(m(u).double(), _reference(m, u), rtol=1e-4, atol=1e-5)
 
 
+class _Lora(torch.nn.Linear):
+    """A Linear with a low-rank update, as adapter libraries wrap projections."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.1)
+
+    def forward(self, x):
+        return super().forward(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("name", ["in_proj", "out_proj", "dt_proj", "dt_proj_b"])
+def test_wrapped_or_hooked_projections_run_as_modules(name):
+    """The fast path reads plain Linear weights directly; a wrapped or hooked projection must still count."""
+    g = torch.Generator().manual_seed(5)
+    m = BiMamba(16, d_state=4, d_conv=3)
+    _randomise(m, g)
+    u = torch.randn(2, 9, 16, generator=g)
+    plain = m(u)
+    setattr(m, name, _Lora(getattr(m, name)))
+    with torch.no_grad():  # a zero update leaves the output as it was, through the module path
+        getattr(m, name).up.weight.zero_()
+    torch.testing.assert_close(m(u), plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        getattr(m, name).up.weight.normal_(std=1.0, generator=g)
+    assert (m(u) - plain).abs().max() > 1e-5  # rounding differences are ~1e-7
+    m(u).sum().backward()
+    assert getattr(m, name).down.weight.grad is not None
+    hooked = BiMamba(16, d_state=4, d_conv=3)
+    hooked.load_state_dict({k: v for k, v in m.state_dict().items() if "down" not in k and "up" not in k},
+                           strict=False)
+    base = hooked(u)
+    getattr(hooked, name).register_forward_hook(lambda mod, inp, out: out * 2.0)
+    assert (hooked(u) - base).abs().max() > 1e-5
+
+
 def test_direction_symmetry():
     """Reversing the sequence and swapping the forward/backward parameter sets reverses the output."""
     g = torch.Generator().manual_seed(4)
