@@ -147,6 +147,15 @@ def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n_state", [16, 32, 12])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_sizes(backend, n_state, reverse, tolerances):
+    """Mamba's N = 16 (and 32) take the kernel's vector reductions over blocks of 16 steps (L = 37:
+    two full blocks and a partial one); N = 12 the generic loop."""
+    check_against_reference(make_inputs(2, 6, 37, n_state), True, backend, tolerances, reverse=reverse)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("use_z,softplus,groups", [(True, True, 0), (False, False, 2)])
 def test_reverse_is_the_flipped_scan(monkeypatch, backend, threads, use_z, softplus, groups, tolerances):
