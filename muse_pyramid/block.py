@@ -21,7 +21,23 @@ from ._validate import check_choice, check_tensor
 from .config import MIXERS
 from .mamba import BiMamba
 
-__all__ = ["AttentionMixer", "ResMambaBlock"]
+__all__ = ["AttentionMixer", "MaskDropout", "ResMambaBlock"]
+
+
+class MaskDropout(nn.Dropout):
+    """`nn.Dropout` (same distribution, same train/eval behaviour) that draws its mask as
+    `uniform >= p` and keeps it as a bool tensor: on CPU about twice as fast as `bernoulli_`, and the
+    mask saved for the backward takes a byte per element instead of four."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: any shape -> same shape, elements zeroed with probability p and the rest scaled by 1/(1-p)."""
+        if not self.training or self.p == 0.0:
+            return x
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        if self.p == 1.0:
+            return x * zero
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), zero)
 
 
 class AttentionMixer(nn.Module):
@@ -91,7 +107,7 @@ class ResMambaBlock(nn.Module):
                 dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
                 bidirectional=mixer == "bimamba", scan_backend=scan_backend, conv_backend=conv_backend,
             )
-        self.drop = nn.Dropout(dropout)
+        self.drop = MaskDropout(dropout)
         self.proj = nn.Linear(dim, dim)
         self.reset_parameters()
 

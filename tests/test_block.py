@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from muse_pyramid import AttentionMixer, BiMamba, ResMambaBlock
+from muse_pyramid.block import MaskDropout
 
 
 @pytest.mark.parametrize("mixer", ["bimamba", "mamba", "attention"])
@@ -35,6 +36,29 @@ def test_block_formula():
 def test_dropout_is_plain_dropout_after_the_mixer():
     blk = ResMambaBlock(8, d_state=4, dropout=0.5)
     assert isinstance(blk.drop, torch.nn.Dropout) and blk.drop.p == 0.5
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_mask_dropout_is_dropout(p):
+    """Zeros with probability p, scales the rest by 1/(1-p), gradient through the same mask; identity in eval."""
+    drop = MaskDropout(p)
+    torch.manual_seed(0)
+    x = torch.rand(200, 500) + 1.0  # no zeros of its own
+    x.requires_grad_(True)
+    out = drop(x)
+    kept = out != 0
+    n = kept.numel()
+    assert abs((~kept).double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
+    assert drop.eval()(x) is x
+    assert MaskDropout(0.0)(x) is x
+    assert torch.equal(MaskDropout(1.0)(x), torch.zeros_like(x))
+    torch.manual_seed(1)
+    first = MaskDropout(p)(x)
+    torch.manual_seed(1)
+    assert torch.equal(MaskDropout(p)(x), first)  # reproducible from the seed
 
 
 def test_attention_mask_hides_padded_keys():
