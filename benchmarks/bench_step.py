@@ -125,7 +125,10 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     params: List[nn.Parameter] = [logit_scale] if clip is None else list(clip.parameters())
     if head is not None:
         params += list(head.parameters())
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-6, weight_decay=0.2)
+    # fused, as the reproduction pipeline builds it (examples/tvr/optim.py)
+    fused = device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-6, weight_decay=0.2,
+                                  fused=fused or None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg["amp"])
 
     def step() -> None:

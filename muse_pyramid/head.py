@@ -116,12 +116,15 @@ class MUSEHead(nn.Module):
     def no_weight_decay(self) -> set:
         """Names (relative to this head) of parameters that take no weight decay.
 
-        Biases, norm weights and every other 1-D parameter, plus Mamba's `A_log`/`D` (and `_b` twins).
+        Biases, norm weights and every other 1-D parameter, plus what each submodule's own
+        `no_weight_decay()` names (Mamba's `A_log`/`D` and `_b` twins). Name-based, so it survives
+        `copy.deepcopy` and pickling, which drop attributes tagged onto parameters.
         """
-        return {
-            name for name, p in self.named_parameters()
-            if p.ndim <= 1 or getattr(p, "_no_weight_decay", False)
-        }
+        names = {name for name, p in self.named_parameters() if p.ndim <= 1}
+        for prefix, module in self.named_modules():
+            if module is not self and callable(getattr(module, "no_weight_decay", None)):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        return names
 
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> List[Dict[str, Any]]:
         """Optimizer parameter groups: decayed weights, and the `no_weight_decay()` set at decay 0.

@@ -1,6 +1,8 @@
 """Tests for muse_pyramid.head: shapes, counts, identity at init, exact padding, round trips, errors."""
 
+import copy
 import logging
+import pickle
 
 import pytest
 import torch
@@ -154,6 +156,9 @@ def test_param_groups_and_no_weight_decay():
     decay, no_decay = head.param_groups(lr=1e-3, weight_decay=0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 1e-3
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(head.parameters()))
+    # name-based: a deepcopy (EMA, checkpoint averaging) or a pickled module keeps A_log out of decay
+    assert copy.deepcopy(head).no_weight_decay() == nwd
+    assert pickle.loads(pickle.dumps(head)).no_weight_decay() == nwd
 
 
 def test_pool_video():

@@ -53,6 +53,26 @@ def test_no_weight_decay_on_biases_norms_ssm_and_logit_scale():
         assert _group_of(groups, named[name])["weight_decay"] == 0.2, name
 
 
+def test_fused_adamw_step_equals_the_plain_one():
+    model = tiny_model("MUSE")
+    opt = build_optimizer(model, lr=1e-3, coef_lr=0.1, head_lr_mult=10.0)
+    assert opt.defaults["fused"]  # CPU parameters: the fused kernel
+    twin = tiny_model("MUSE")  # same seed, same weights (a deepcopy would drop the no-decay tags)
+    plain = torch.optim.AdamW(build_param_groups(twin, lr=1e-3, coef_lr=0.1, head_lr_mult=10.0),
+                              lr=1e-3, betas=opt.defaults["betas"], eps=opt.defaults["eps"],
+                              weight_decay=opt.defaults["weight_decay"], fused=False)
+    g = torch.Generator().manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for m, o in ((model, opt), (twin, plain)):
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.clone()
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_adamw_hyper_parameters():
     opt = build_optimizer(tiny_model("meanP"), lr=1e-4, coef_lr=1e-3, head_lr_mult=10.0)
     assert isinstance(opt, torch.optim.AdamW)
