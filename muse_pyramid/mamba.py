@@ -159,18 +159,21 @@ class BiMamba(nn.Module):
             x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", reverse=reverse,
             backend=self.conv_backend,
         )
-        x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
-        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_proj: nn.Linear = getattr(self, f"x_proj{s}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
+        batch = x.shape[0]
+        if _plain_linear(x_proj):  # (R + 2N, D) @ (B, D, L): dt, B, C come out time-last, as the scan reads them
+            x_dbl = torch.bmm(x_proj.weight.expand(batch, -1, -1), x)  # (B, R + 2N, L)
+        else:
+            x_dbl = rearrange(x_proj(rearrange(x, "b d l -> b l d")), "b l r -> b r l")
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         if _plain_linear(dt_proj):
             # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and
             # neither direction of autograd copies a transposed operand (BLAS reads it as it lies).
-            delta = torch.bmm(dt_proj.weight.expand(x.shape[0], -1, -1), rearrange(dt, "b l r -> b r l"))
+            delta = torch.bmm(dt_proj.weight.expand(batch, -1, -1), dt)
             bias = dt_proj.bias
         else:  # the module's own forward, bias included
-            delta, bias = rearrange(dt_proj(dt), "b l d -> b d l").contiguous(), None
-        b_ssm = rearrange(b_ssm, "b l n -> b n l").contiguous()
-        c_ssm = rearrange(c_ssm, "b l n -> b n l").contiguous()
+            delta, bias = rearrange(dt_proj(rearrange(dt, "b r l -> b l r")), "b l d -> b d l").contiguous(), None
         a = -torch.exp(getattr(self, _a_log(s)).float())
         d_skip = getattr(self, f"D{s}").float()
         bias = None if bias is None else bias.float()

@@ -99,7 +99,7 @@ class _Lora(torch.nn.Linear):
         return super().forward(x) + self.up(self.down(x))
 
 
-@pytest.mark.parametrize("name", ["in_proj", "out_proj", "dt_proj", "dt_proj_b"])
+@pytest.mark.parametrize("name", ["in_proj", "out_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b"])
 def test_wrapped_or_hooked_projections_run_as_modules(name):
     """The fast path reads plain Linear weights directly; a wrapped or hooked projection must still count."""
     g = torch.Generator().manual_seed(5)
