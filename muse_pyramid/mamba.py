@@ -167,6 +167,7 @@ class BiMamba(nn.Module):
         else:
             x_dbl = rearrange(x_proj(rearrange(x, "b d l -> b l d")), "b l r -> b r l")
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        b_ssm, c_ssm = b_ssm.contiguous(), c_ssm.contiguous()  # (B, N, L) each, small; kernels want them dense
         if _plain_linear(dt_proj):
             # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and
             # neither direction of autograd copies a transposed operand (BLAS reads it as it lies).
