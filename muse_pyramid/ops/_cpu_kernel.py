@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_scan", "compiled_conv"]
+__all__ = [
+    "NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_usable", "check_compiled_usable",
+    "compiled_scan", "compiled_conv",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -155,6 +158,27 @@ def load_kernel() -> ctypes.CDLL | None:
         " | ".join(errors),
     )
     return None
+
+
+def compiled_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the automatic choice may take the compiled kernels for tensors of ``device``/``dtype``."""
+    usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
+    return usable and load_kernel() is not None
+
+
+def check_compiled_usable(device: torch.device, dtype: torch.dtype, op: str) -> None:
+    """Raise a RuntimeError saying why a forced "compiled" backend of ``op`` cannot run."""
+    if device.type != "cpu":
+        raise RuntimeError(f"{op} backend 'compiled' runs on the CPU, got tensors on {device}")
+    if dtype == torch.float64:
+        raise RuntimeError(f"{op} backend 'compiled' computes in fp32; use backend='torch' for float64")
+    if compiled_disabled():
+        raise RuntimeError(f"{op} backend 'compiled' is disabled by ${NO_COMPILE_ENV}")
+    if load_kernel() is None:
+        raise RuntimeError(
+            f"{op} backend 'compiled' could not be built (no C compiler, or compiling failed: see the "
+            "logged warning); install gcc or clang or set $CC, or use backend='torch'"
+        )
 
 
 def _threads(batch: int, dim: int, length: int, n_state: int) -> int:

@@ -22,7 +22,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from ._cpu_kernel import NO_COMPILE_ENV, compiled_conv, compiled_disabled, load_kernel
+from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
 from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
@@ -116,20 +116,9 @@ def _resolve(device: torch.device, width: int, backend: str | None, dtype: torch
     if name == AUTO:
         if device.type == "cuda" and cuda_fn is not None and width in _CUDA_WIDTHS:
             return "cuda"
-        usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
-        return "compiled" if usable and load_kernel() is not None else "torch"
+        return "compiled" if compiled_usable(device, dtype) else "torch"
     if name == "compiled":
-        if device.type != "cpu":
-            raise RuntimeError(f"causal_conv1d backend 'compiled' runs on the CPU, got tensors on {device}")
-        if dtype == torch.float64:
-            raise RuntimeError("causal_conv1d backend 'compiled' computes in fp32; use backend='torch' for float64")
-        if compiled_disabled():
-            raise RuntimeError(f"causal_conv1d backend 'compiled' is disabled by ${NO_COMPILE_ENV}")
-        if load_kernel() is None:
-            raise RuntimeError(
-                "causal_conv1d backend 'compiled' could not be built (no C compiler, or compiling failed: "
-                "see the logged warning); install gcc or clang or set $CC, or use backend='torch'"
-            )
+        check_compiled_usable(device, dtype, "causal_conv1d")
     if name == "cuda":
         check_cuda_usable(cuda_fn, "causal_conv1d", device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._chunked_scan import chunked_scan
-from ._cpu_kernel import NO_COMPILE_ENV, compiled_disabled, compiled_scan, load_kernel
+from ._cpu_kernel import check_compiled_usable, compiled_scan, compiled_usable
 from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
@@ -211,24 +211,11 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> s
     if name == AUTO:
         if device.type == "cuda" and cuda_fn is not None:
             return "cuda"
-        usable = device.type == "cpu" and dtype != torch.float64 and not compiled_disabled()
-        return "compiled" if usable and load_kernel() is not None else "torch"
+        return "compiled" if compiled_usable(device, dtype) else "torch"
     if name == "cuda":
         check_cuda_usable(cuda_fn, "mamba_ssm", device, "selective_scan")
     if name == "compiled":
-        if device.type != "cpu":
-            raise RuntimeError(f"selective_scan backend 'compiled' runs on the CPU, got tensors on {device}")
-        if dtype == torch.float64:
-            raise RuntimeError(
-                "selective_scan backend 'compiled' computes in fp32; use backend='torch' for float64"
-            )
-        if compiled_disabled():
-            raise RuntimeError(f"selective_scan backend 'compiled' is disabled by ${NO_COMPILE_ENV}")
-        if load_kernel() is None:
-            raise RuntimeError(
-                "selective_scan backend 'compiled' could not be built (no C compiler, or compiling "
-                "failed: see the logged warning); install gcc or clang or set $CC, or use backend='torch'"
-            )
+        check_compiled_usable(device, dtype, "selective_scan")
     return name
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import muse_pyramid.ops._chunked_scan as chunked_module
-from muse_pyramid.ops import _cpu_kernel, scan_backend, selective_scan, selective_scan_ref
+from muse_pyramid.ops import _cpu_kernel, conv_backend, scan_backend, selective_scan, selective_scan_ref
 
 CPU_BACKENDS = ["torch"] + (["compiled"] if _cpu_kernel.load_kernel() is not None else [])
 # the module, not the function of the same name that muse_pyramid.ops exports
@@ -372,10 +372,13 @@ def test_falls_back_when_compiling_fails(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="muse_pyramid.ops._cpu_kernel"):
         assert _cpu_kernel.load_kernel.__wrapped__() is None
     assert "PyTorch scan" in caplog.text
-    monkeypatch.setattr(scan_module, "load_kernel", lambda: None)
+    monkeypatch.setattr(_cpu_kernel, "load_kernel", lambda: None)
     assert scan_backend("cpu") == "torch"
     with pytest.raises(RuntimeError, match="could not be built"):
         scan_backend("cpu", backend="compiled")
+    assert conv_backend("cpu") == "torch"  # the causal conv shares the kernel library and the check
+    with pytest.raises(RuntimeError, match="causal_conv1d backend 'compiled' could not be built"):
+        conv_backend("cpu", backend="compiled")
 
 
 @pytest.mark.skipif(not CPU_BACKENDS[-1] == "compiled", reason="no C compiler here")
