@@ -65,6 +65,17 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument(WORKER_FLAG, default=None, help=argparse.SUPPRESS)
 
 
+def add_amp_arg(parser: argparse.ArgumentParser) -> None:
+    """`--amp {auto,on,off}`: bf16 autocast; auto is on for CUDA, off for the CPU (see `amp_enabled`)."""
+    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                        help="bf16 autocast (auto: on for CUDA, off for CPU)")
+
+
+def amp_enabled(choice: str, device: torch.device) -> bool:
+    """What `--amp` means on `device`."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
 def configure_torch(threads: Optional[int]) -> None:
     if threads is not None:
         torch.set_num_threads(threads)

@@ -261,8 +261,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="sweep points as frames x grid side, e.g. 12x7 12x14 64x7 (default: the full sweep)")
     parser.add_argument("--scan_backends", default="auto", choices=("auto", "all"),
                         help="auto: the automatic backend on CPU, every usable one on a GPU; all: every usable one")
-    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
-                        help="bf16 autocast (auto: on for CUDA, off for CPU)")
+    _common.add_amp_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reuse", default=None, metavar="JSON",
                         help="take the rows of heads not in --heads from this earlier output (e.g. attention and "
@@ -287,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         points = [tuple(int(v) for v in p.lower().split("x")) for p in args.points]
     else:
         points = list(QUICK_POINTS if args.quick else FULL_POINTS)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = _common.amp_enabled(args.amp, device)
     base = {"device": str(device), "batch": args.batch, "dim": args.dim, "depth": args.depth, "d_state": args.d_state,
             "num_heads": args.num_heads, "amp": amp, "threads": args.threads, "warmup": args.warmup,
             "repeats": args.repeats, "budget_s": args.budget_s, "seed": args.seed}

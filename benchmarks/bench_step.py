@@ -187,8 +187,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=512,
                         help="token width of the cached maps (--from_cache; --quick: at most 128)")
     parser.add_argument("--grid", type=int, default=7, help="patch grid side of the cached maps (--from_cache)")
-    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
-                        help="bf16 autocast (auto: on for CUDA, off for CPU)")
+    _common.add_amp_arg(parser)
     parser.add_argument("--rounds", type=int, default=2,
                         help="subprocess rounds per head, alternating heads; runs are pooled (peak: the largest)")
     parser.add_argument("--seed", type=int, default=0)
@@ -212,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return cache_vs_online(args)
     _common.configure_torch(args.threads)
     device = torch.device(args.device)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = _common.amp_enabled(args.amp, device)
     base = {"device": str(device), "model": None if args.from_cache else args.model, "batch": args.batch,
             "frames": args.frames, "words": args.words, "from_cache": args.from_cache, "dim": args.dim,
             "grid": args.grid, "amp": amp, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
@@ -309,7 +308,7 @@ def cache_vs_online(args: argparse.Namespace) -> Dict[str, Any]:
     """
     _common.configure_torch(args.threads)
     device = torch.device(args.device)
-    amp = args.amp == "on" or (args.amp == "auto" and device.type == "cuda")
+    amp = _common.amp_enabled(args.amp, device)
     base = {"device": str(device), "model": args.model, "batch": args.batch, "frames": args.frames,
             "words": args.words, "dim": args.dim, "grid": args.grid, "amp": amp, "threads": args.threads,
             "warmup": args.warmup, "repeats": args.repeats, "budget_s": args.budget_s, "seed": args.seed,
