@@ -35,6 +35,7 @@ from torch import nn
 
 from ._validate import check_tensor
 from .ops import causal_conv1d, selective_scan
+from .ops.channel_linear import channels_to_tokens, tokens_to_channels
 
 __all__ = ["BiMamba"]
 
@@ -197,7 +198,7 @@ class BiMamba(nn.Module):
             mask: `(B, L)` bool, True on real tokens, which must come before the padding; None = all real.
 
         Returns:
-            `(B, L, C)` (not necessarily contiguous); rows at padded positions are defined but meaningless.
+            `(B, L, C)`; rows at padded positions are defined but meaningless.
         """
         check_tensor("x", x, 3, "(B, L, C)")
         if x.shape[-1] != self.d_model:
@@ -208,23 +209,19 @@ class BiMamba(nn.Module):
         if mask is not None:
             m = mask.bool()[:, None, :]
             x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        # in_proj as batched (D, C) @ (B, C, L): x and z come out as contiguous (B, D, L) maps, so neither
-        # the conv nor the scan transposes them; out_proj likewise as (C, D) @ (B, D, L), whose backward
-        # hands the scan a contiguous (B, D, L) gradient. The result is then a (B, L, C) view of a
-        # (B, C, L) map. Wrapped or hooked projections run as modules, with the transposes.
-        batch = x.shape[0]
+        # in_proj writes x and z as contiguous channel-major (B, D, L) maps, which the conv and the scan
+        # read without transposing; out_proj maps the (B, D, L) result straight back to contiguous
+        # (B, L, C) tokens (see `ops/channel_linear.py`). Wrapped or hooked projections run as modules.
         if _plain_linear(self.in_proj):
-            w_x, w_z = self.in_proj.weight.chunk(2, dim=0)
-            u = rearrange(x, "b l c -> b c l")
-            xs, zs = torch.bmm(w_x.expand(batch, -1, -1), u), torch.bmm(w_z.expand(batch, -1, -1), u)
+            bias = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
+            xs, zs = (tokens_to_channels(x, w, b) for w, b in zip(self.in_proj.weight.chunk(2), bias))
         else:
-            xz = rearrange(self.in_proj(x), "b l d -> b d l")
-            xs, zs = (t.contiguous() for t in xz.chunk(2, dim=1))
+            xs, zs = (t.contiguous() for t in rearrange(self.in_proj(x), "b l d -> b d l").chunk(2, dim=1))
         y = self._direction(xs, zs, m, "")
         if self.bidirectional:
             y = y + self._direction(xs, zs, m, "_b")
         if _plain_linear(self.out_proj):
-            return rearrange(torch.bmm(self.out_proj.weight.expand(batch, -1, -1), y), "b c l -> b l c")
+            return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def extra_repr(self) -> str:
