@@ -35,7 +35,7 @@ from torch import nn
 
 from ._validate import check_tensor
 from .ops import causal_conv1d, selective_scan
-from .ops.channel_linear import channels_to_tokens, tokens_to_channels
+from .ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
 
 __all__ = ["BiMamba"]
 
@@ -162,18 +162,14 @@ class BiMamba(nn.Module):
         )
         x_proj: nn.Linear = getattr(self, f"x_proj{s}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        batch = x.shape[0]
-        if _plain_linear(x_proj):  # (R + 2N, D) @ (B, D, L): dt, B, C come out time-last, as the scan reads them
-            x_dbl = torch.bmm(x_proj.weight.expand(batch, -1, -1), x)  # (B, R + 2N, L)
+        if _plain_linear(x_proj):  # dt, B, C come out time-last, as the scan reads them
+            x_dbl = channels_linear(x, x_proj.weight, x_proj.bias)  # (B, R + 2N, L)
         else:
             x_dbl = rearrange(x_proj(rearrange(x, "b d l -> b l d")), "b l r -> b r l")
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         b_ssm, c_ssm = b_ssm.contiguous(), c_ssm.contiguous()  # (B, N, L) each, small; kernels want them dense
-        if _plain_linear(dt_proj):
-            # (D, R) @ (B, R, L) as a batched matmul: delta comes out as a contiguous (B, D, L), and
-            # neither direction of autograd copies a transposed operand (BLAS reads it as it lies).
-            delta = torch.bmm(dt_proj.weight.expand(batch, -1, -1), dt)
-            bias = dt_proj.bias
+        if _plain_linear(dt_proj):  # the bias is left to the scan, which fuses it with the softplus
+            delta, bias = channels_linear(dt, dt_proj.weight), dt_proj.bias  # (B, D, L)
         else:  # the module's own forward, bias included
             delta, bias = rearrange(dt_proj(rearrange(dt, "b r l -> b l r")), "b l d -> b d l").contiguous(), None
         a = -torch.exp(getattr(self, _a_log(s)).float())

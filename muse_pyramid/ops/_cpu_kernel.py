@@ -1,7 +1,7 @@
 """The compiled CPU kernels: build ``_kernels.c`` on first use, cache it, call it via ctypes.
 
-Two ops share the one library: the selective scan (``compiled_scan``) and the depthwise causal
-conv1d with SiLU (``compiled_conv``). The source is plain C (no torch headers), so the system
+Three ops share the one library: the selective scan (``compiled_scan``), the depthwise causal
+conv1d with SiLU (``compiled_conv``) and dropout (``compiled_dropout``). The source is plain C (no torch headers), so the system
 compiler builds it in about a second.
 The shared library is cached per user in ``$MUSE_PYRAMID_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/muse_pyramid`` or ``~/.cache/muse_pyramid``) under a name keyed by a hash of
@@ -31,7 +31,7 @@ import torch
 
 __all__ = [
     "NO_COMPILE_ENV", "CACHE_DIR_ENV", "compiled_disabled", "load_kernel", "compiled_usable", "check_compiled_usable",
-    "compiled_scan", "compiled_conv",
+    "compiled_scan", "compiled_conv", "compiled_dropout",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -117,6 +117,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.muse_conv_bwd.restype = None
     lib.muse_conv_bwd_work_floats.argtypes = [i64]
     lib.muse_conv_bwd_work_floats.restype = i64
+    lib.muse_dropout.argtypes = [p] * 2 + [i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, i32]
+    lib.muse_dropout.restype = None
     return lib
 
 
@@ -322,3 +324,44 @@ def compiled_conv(
     """
     args = [None if t is None else t.to(torch.float32).contiguous() for t in (x, weight, bias)]
     return _CompiledConv.apply(*args, bool(silu), bool(reverse))
+
+
+def _dropout_call(src: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """`src` with the elements the mask of `seed` drops zeroed and the rest scaled by 1 / (1 - p)."""
+    out = torch.empty_like(src)
+    threshold = min(round(p * 2**32), 2**32 - 1)
+    threads = max(1, min(torch.get_num_threads(), src.numel() >> 18))
+    load_kernel().muse_dropout(src.data_ptr(), out.data_ptr(), src.numel(), seed, threshold, 1.0 / (1.0 - p), threads)
+    return out
+
+
+class _CompiledDropout(torch.autograd.Function):
+    """Dropout whose mask is a function of a seed and the element index, recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed):  # noqa: ANN001 - autograd signature
+        ctx.p, ctx.seed = p, seed
+        return _dropout_call(x, seed, p)
+
+    @staticmethod
+    def backward(ctx, dout):  # noqa: ANN001 - autograd signature
+        return _dropout_call(dout.to(torch.float32).contiguous(), ctx.seed, ctx.p), None, None
+
+
+def compiled_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout on the compiled kernel (CPU; computed in fp32): each element is zeroed with probability
+    ``p`` (resolved to 2^-32) and the rest are scaled by ``1 / (1 - p)``.
+
+    The mask comes from a counter-based generator seeded by one draw from torch's default CPU
+    generator, so ``torch.manual_seed`` makes it reproducible, and it does not depend on the thread
+    count. Nothing is saved for the backward: it recomputes the mask from the seed.
+
+    Args:
+        x: any shape.
+        p: drop probability in (0, 1).
+
+    Returns:
+        fp32 tensor of ``x``'s shape.
+    """
+    seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) % 2**64
+    return _CompiledDropout.apply(x.to(torch.float32).contiguous(), float(p), seed)

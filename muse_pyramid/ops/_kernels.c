@@ -1,6 +1,7 @@
-/* CPU kernels of muse_pyramid: fp32, OpenMP over rows. Two ops live here (one build, one cache):
+/* CPU kernels of muse_pyramid: fp32, OpenMP over rows. Three ops live here (one build, one cache):
  *   - the selective scan, fused like mamba_ssm's selective_scan_fn (muse_scan_*);
- *   - the depthwise causal conv1d with optional SiLU, like causal_conv1d_fn (muse_conv_*), at the end.
+ *   - the depthwise causal conv1d with optional SiLU, like causal_conv1d_fn (muse_conv_*);
+ *   - dropout with a mask recomputed from a seed (muse_dropout), at the end.
  *
  * Selective scan
  *
@@ -594,5 +595,27 @@ void muse_conv_bwd(const float *x, const float *w, const float *bias, int silu, 
             }
             if (dbias) dbias[d] = db;
         }
+    }
+}
+
+/* Dropout with a counter-based mask (muse_dropout)
+ *
+ * Element i of a call with seed s is kept iff the high 32 bits of splitmix64(s + (i + 1) * golden)
+ * are >= threshold, and a kept element is multiplied by scale. The mask depends only on (s, i), not
+ * on the thread count; the backward calls the same function on the gradient with the same seed,
+ * so the mask is recomputed, never stored. */
+static inline uint64_t splitmix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+void muse_dropout(const float *x, float *out, int64_t n, uint64_t seed, uint32_t threshold, float scale,
+                  int nthreads) {
+#pragma omp parallel for simd schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; ++i) {
+        const uint64_t counter = seed + (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL;
+        const uint32_t r = (uint32_t)(splitmix64(counter) >> 32);
+        out[i] = r >= threshold ? x[i] * scale : 0.0f;
     }
 }

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["tokens_to_channels", "channels_to_tokens"]
+__all__ = ["tokens_to_channels", "channels_linear", "channels_to_tokens"]
 
 # Time steps per block of a channel-major GEMM on the CPU (256-384 measured best on AVX-512 hosts).
 _COLUMN_BLOCK = 256
@@ -69,11 +69,12 @@ def _mm_channel_major(a: torch.Tensor, tokens: torch.Tensor, out: torch.Tensor) 
 
 
 def _sum_mm(pairs) -> torch.Tensor:
-    """Sum of `a @ b` over the (a, b) pairs, accumulated in place."""
+    """Sum of `a @ b` over the (a, b) pairs, accumulated in place (`out=` rather than `addmm_`, which
+    `torch.utils.flop_counter` does not count)."""
     (a0, b0), *rest = pairs
     acc = torch.mm(a0, b0)
     for a, b in rest:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)
     return acc
 
 
@@ -102,6 +103,41 @@ class _TokensToChannels(torch.autograd.Function):
                 torch.mm(grad[b].t(), weight, out=dx[b])  # (L, M) @ (M, K)
         if ctx.needs_input_grad[1]:
             dw = _sum_mm((grad[b], x[b]) for b in range(x.shape[0]))  # (M, L) @ (L, K)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad.sum(dim=(0, 2))
+        return dx, dw, db
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` `(B, K, L)` with every `t[b]` a dense `(K, L)` matrix (a split along dim 1 keeps that), else a copy."""
+    return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
+
+
+class _ChannelsLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x = _rows_contiguous(x)
+        out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+        for b in range(x.shape[0]):
+            torch.mm(weight, x[b], out=out[b])  # (M, K) @ (K, L)
+        if bias is not None:
+            out.add_(bias[:, None])
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()  # (B, M, L)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = x.new_empty(x.shape)
+            for b in range(x.shape[0]):
+                torch.mm(weight.t(), grad[b], out=dx[b])  # (K, M) @ (M, L)
+        if ctx.needs_input_grad[1]:
+            dw = _sum_mm((grad[b], x[b].t()) for b in range(x.shape[0]))  # (M, L) @ (L, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = grad.sum(dim=(0, 2))
         return dx, dw, db
@@ -156,6 +192,24 @@ def tokens_to_channels(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if bias is None:
         return torch.bmm(w, x.transpose(1, 2))
     return torch.baddbmm(bias[:, None], w, x.transpose(1, 2))
+
+
+def channels_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Project a channel-major map to another channel-major map.
+
+    Args:
+        x: `(B, K, L)` channel-major map.
+        weight: `(M, K)`, as in `nn.Linear`.
+        bias: `(M,)` or None.
+
+    Returns:
+        `(B, M, L)` contiguous, equal to `F.linear(x.transpose(1, 2), weight, bias).transpose(1, 2)`.
+    """
+    _check("x", x, weight, bias, "(B, K, L)")
+    if _cpu_path(x, weight, bias):
+        return _ChannelsLinear.apply(x, weight, bias)
+    w = weight.expand(x.shape[0], -1, -1)
+    return torch.bmm(w, x) if bias is None else torch.baddbmm(bias[:, None], w, x)
 
 
 def channels_to_tokens(y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""tokens_to_channels / channels_to_tokens against F.linear with transposes: values, every gradient,
+"""tokens_to_channels / channels_linear / channels_to_tokens against F.linear with transposes: values, every gradient,
 the blocked CPU path and the plain one, and argument errors."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from muse_pyramid.ops import channel_linear
-from muse_pyramid.ops.channel_linear import channels_to_tokens, tokens_to_channels
+from muse_pyramid.ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
 
 # one block, several blocks with a ragged last one, a single step
 LENGTHS = [5, 2 * channel_linear._COLUMN_BLOCK + 37, 1]
@@ -16,15 +16,20 @@ def reference_tokens_to_channels(x, weight, bias):
     return F.linear(x, weight, bias).transpose(1, 2)
 
 
+def reference_channels_linear(x, weight, bias):
+    return F.linear(x.transpose(1, 2), weight, bias).transpose(1, 2)
+
+
 def reference_channels_to_tokens(y, weight, bias):
     return F.linear(y.transpose(1, 2), weight, bias)
 
 
 CASES = [
     (tokens_to_channels, reference_tokens_to_channels, lambda b, length, k: (b, length, k)),
+    (channels_linear, reference_channels_linear, lambda b, length, k: (b, k, length)),
     (channels_to_tokens, reference_channels_to_tokens, lambda b, length, k: (b, k, length)),
 ]
-CASE_IDS = ["tokens_to_channels", "channels_to_tokens"]
+CASE_IDS = ["tokens_to_channels", "channels_linear", "channels_to_tokens"]
 
 
 def make_inputs(shape_of, batch, length, k, m, use_bias, dtype, seed=0):
@@ -80,20 +85,37 @@ def test_frozen_weight_gets_no_gradient(fn, ref, shape_of):
 
 
 @pytest.mark.parametrize("fn,ref,shape_of", CASES, ids=CASE_IDS)
-def test_blocked_path_is_used_on_cpu_and_plain_path_under_autocast(fn, ref, shape_of, monkeypatch):
-    calls = []
-    original = channel_linear._mm_channel_major
-    monkeypatch.setattr(
-        channel_linear, "_mm_channel_major", lambda *a: calls.append(1) or original(*a)
-    )
+def test_cpu_path_on_cpu_and_plain_path_under_autocast(fn, ref, shape_of):
     inp, weight, bias = make_inputs(shape_of, 2, 9, 8, 4, True, torch.float32)
-    fn(inp, weight, bias).sum().backward()
-    assert calls, "the CPU path computes its channel-major product in blocks"
-    calls.clear()
+    out = fn(inp, weight, bias)
+    assert type(out.grad_fn).__name__ == f"_{fn.__name__.title().replace('_', '')}Backward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fn(inp, weight, bias)
-    assert not calls and out.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__.startswith(("Bmm", "Baddbmm"))
     torch.testing.assert_close(out.float(), ref(inp, weight, bias), rtol=2e-2, atol=5e-2)
+
+
+def test_channel_major_products_run_in_blocks(monkeypatch):
+    calls = []
+    original = channel_linear._mm_channel_major
+    monkeypatch.setattr(channel_linear, "_mm_channel_major", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    tokens_to_channels(x, torch.randn(4, 8)).sum().backward()  # the forward's product
+    assert len(calls) == 2
+    channels_to_tokens(x.detach().transpose(1, 2).requires_grad_(), torch.randn(4, 8)).sum().backward()
+    assert len(calls) == 4  # the backward's product with respect to the input
+
+
+def test_channels_linear_reads_a_split_along_channels_in_place(path):
+    """A slice along dim 1 (how Mamba splits dt off x_proj's output) has dense rows: used as it lies."""
+    full = torch.randn(3, 10, 40, dtype=torch.float64, requires_grad=True)
+    part = full[:, 2:6]
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    out = channels_linear(part, weight)
+    torch.testing.assert_close(out, reference_channels_linear(part, weight, None))
+    out.square().sum().backward()
+    want = torch.autograd.grad(reference_channels_linear(part, weight, None).square().sum(), full)[0]
+    torch.testing.assert_close(full.grad, want)
 
 
 def test_errors_name_the_argument():
