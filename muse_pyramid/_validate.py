@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask"]
+__all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask", "check_positions"]
 
 
 def check_tensor(name: str, x: object, ndim: int, expected: str) -> torch.Tensor:
@@ -66,3 +66,18 @@ def check_frame_mask(frame_mask: Optional[torch.Tensor], batch: int, frames: int
         idx = empty.nonzero().flatten().tolist()
         raise ValueError(f"frame_mask marks no real frame for video(s) {idx}; every video needs >= 1 frame")
     return mask
+
+
+def check_positions(positions: object, batch: int, length: int) -> torch.Tensor:
+    """Validate `(B, P)` integer row indices into a length-`length` sequence; returns them as int64."""
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor of shape (B, P), got {type(positions).__name__}")
+    if positions.ndim != 2 or positions.shape[0] != batch:
+        raise ValueError(f"positions must have shape (B, P) with B = {batch}, got shape {tuple(positions.shape)}")
+    if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
+        raise ValueError(
+            f"positions must index rows in [0, {length}), got values in [{int(positions.min())}, {int(positions.max())}]"
+        )
+    return positions.long()

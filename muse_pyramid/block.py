@@ -14,10 +14,10 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
-from ._validate import check_choice, check_tensor
+from ._validate import check_choice, check_positions, check_tensor
 from .config import MIXERS
 from .mamba import BiMamba
 from .ops._cpu_kernel import compiled_dropout, compiled_usable
@@ -65,9 +65,17 @@ class AttentionMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: `(B, L, C)`; mask: `(B, L)` bool, True on real tokens (keys) -> `(B, L, C)`."""
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """x: `(B, L, C)`; mask: `(B, L)` bool, True on real tokens (keys) -> `(B, L, C)`.
+
+        positions: `(B, P)` integer row indices: only those rows are queried and returned, `(B, P, C)`.
+        """
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
+        if positions is not None:
+            positions = check_positions(positions, x.shape[0], x.shape[1])
+            q = q.gather(2, repeat(positions, "b p -> b h p d", h=q.shape[1], d=q.shape[3]))
         attn_mask = None if mask is None else mask.bool()[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out_proj(rearrange(y, "b h l d -> b l (h d)"))
@@ -125,10 +133,27 @@ class ResMambaBlock(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: `(B, L, C)`; mask: `(B, L)` bool, True on real tokens (real tokens first) -> `(B, L, C)`."""
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Apply the block.
+
+        Args:
+            x: `(B, L, C)` tokens.
+            mask: `(B, L)` bool, True on real tokens (real tokens first); None = all real.
+            positions: `(B, P)` integer row indices, or None for all rows. Given, only those rows of the
+                output are computed and returned, `(B, P, C)` (the mixer still reads every row): what a
+                last block whose other rows are discarded needs.
+
+        Returns:
+            `(B, L, C)`, or `(B, P, C)` with `positions`.
+        """
         check_tensor("x", x, 3, "(B, L, C)")
-        return x + self.proj(self.drop(self.mixer(self.norm(x), mask)))
+        if positions is None:
+            return x + self.proj(self.drop(self.mixer(self.norm(x), mask)))
+        positions = check_positions(positions, x.shape[0], x.shape[1])
+        rows = x.gather(1, repeat(positions, "b p -> b p c", c=x.shape[-1]))
+        return rows + self.proj(self.drop(self.mixer(self.norm(x), mask, positions)))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mixer={self.mixer_type!r}, dropout={self.drop.p}"

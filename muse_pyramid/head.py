@@ -163,34 +163,21 @@ class MUSEHead(nn.Module):
         Returns:
             mixed sequence `(B, L, C)`, its mask `(B, L)` or None, CLS positions `(B, T)`.
         """
-        check_tensor("tokens", tokens, 4, "(B, T, 1+H*W, C)")
-        b, t, p, c = tokens.shape
-        if c != self.dim:
-            raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
-        h, w = infer_grid(p - 1, self.grid)
-        self._log_backend(tokens)
-
-        cls = tokens[:, :, 0]
-        patch_map = rearrange(tokens[:, :, 1:], "b t (h w) c -> (b t) c h w", h=h, w=w)
-        levels = levels_to_tokens(self.pyramid(patch_map), b)
-        # The aggregator validates frame_mask (shape, at least one real frame per video) once.
-        seq, seq_mask, cls_index = self.aggregator(cls, levels, frame_mask)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                seq = checkpoint(block, seq, seq_mask, use_reentrant=False)
-            else:
-                seq = block(seq, seq_mask)
-        return seq, seq_mask, cls_index
+        seq, seq_mask, cls_index = self._aggregate(tokens, frame_mask)
+        return self._mix(seq, seq_mask), seq_mask, cls_index
 
     def forward_head(self, seq: torch.Tensor, cls_index: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Read the CLS positions out: seq `(B, L, C)`, cls_index `(B, T)` -> `(B, T, C)`, zeros on padding."""
         out = seq.gather(1, cls_index[..., None].expand(-1, -1, seq.shape[-1]))
-        if frame_mask is not None:
-            out = torch.where(frame_mask.bool()[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
-        return out
+        return self._zero_padding(out, frame_mask)
 
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """New per-frame features.
+
+        The same as `forward_head(*forward_features(tokens, frame_mask), frame_mask)`, but the last block
+        computes its output at the CLS positions only (its mixer still reads the whole sequence), the
+        only rows that are read out: its gate, `out_proj`, dropout, projection and residual run on
+        T rows instead of L.
 
         Args:
             tokens: `(B, T, 1+H*W, C)` last-layer CLIP tokens (after ln_post and the visual projection).
@@ -199,8 +186,44 @@ class MUSEHead(nn.Module):
         Returns:
             `(B, T, C)` features at the CLS positions; padded frames are zero.
         """
-        seq, _, cls_index = self.forward_features(tokens, frame_mask)
-        return self.forward_head(seq, cls_index, frame_mask)
+        seq, seq_mask, cls_index = self._aggregate(tokens, frame_mask)
+        return self._zero_padding(self._mix(seq, seq_mask, cls_index), frame_mask)
+
+    def _aggregate(
+        self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """tokens `(B, T, 1+H*W, C)` -> pyramid levels in the aggregation order: sequence `(B, L, C)`,
+        its mask `(B, L)` or None, CLS positions `(B, T)`."""
+        check_tensor("tokens", tokens, 4, "(B, T, 1+H*W, C)")
+        b, t, p, c = tokens.shape
+        if c != self.dim:
+            raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
+        h, w = infer_grid(p - 1, self.grid)
+        self._log_backend(tokens)
+        cls = tokens[:, :, 0]
+        patch_map = rearrange(tokens[:, :, 1:], "b t (h w) c -> (b t) c h w", h=h, w=w)
+        levels = levels_to_tokens(self.pyramid(patch_map), b)
+        # The aggregator validates frame_mask (shape, at least one real frame per video) once.
+        return self.aggregator(cls, levels, frame_mask)
+
+    def _mix(
+        self, seq: torch.Tensor, seq_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The blocks: seq `(B, L, C)` -> `(B, L, C)`, or `(B, P, C)` at `positions` `(B, P)` (last block)."""
+        for i, block in enumerate(self.blocks):
+            rows = positions if i == len(self.blocks) - 1 else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                seq = checkpoint(block, seq, seq_mask, rows, use_reentrant=False)
+            else:
+                seq = block(seq, seq_mask, rows)
+        return seq
+
+    @staticmethod
+    def _zero_padding(frames: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """frames `(B, T, C)` with the rows of padded frames (frame_mask `(B, T)` == 0) set to zero."""
+        if frame_mask is None:
+            return frames
+        return torch.where(frame_mask.bool()[..., None], frames, torch.zeros((), dtype=frames.dtype, device=frames.device))
 
     def _log_backend(self, tokens: torch.Tensor) -> None:
         if self._backend_logged:

@@ -30,10 +30,10 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
-from ._validate import check_tensor
+from ._validate import check_positions, check_tensor
 from .ops import causal_conv1d, selective_scan
 from .ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
 
@@ -146,10 +146,11 @@ class BiMamba(nn.Module):
         """Names of the parameters that carry no weight decay (A_log, D and their backward twins)."""
         return {name for s in self._suffixes for name in (_a_log(s), f"D{s}")}
 
-    def _direction(self, x: torch.Tensor, z: torch.Tensor, mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
+    def _direction(self, x: torch.Tensor, z: Optional[torch.Tensor], mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
         """One scan direction (`s` = "" forwards, "_b" backwards in time).
 
-        x, z: `(B, D, L)` contiguous; mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
+        x: `(B, D, L)` contiguous; z: `(B, D, L)` contiguous gate, or None for the ungated scan;
+        mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
 
         `x` is already zero at padded positions (the input tokens are masked before `in_proj`, which
         has no bias), so the causal conv never sees padding.
@@ -186,21 +187,28 @@ class BiMamba(nn.Module):
             x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, reverse=reverse, backend=self.scan_backend
         )
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Mix a sequence.
 
         Args:
             x: `(B, L, C)` tokens.
             mask: `(B, L)` bool, True on real tokens, which must come before the padding; None = all real.
+            positions: `(B, P)` integer row indices, or None for all rows. Given, the output is only those
+                rows, `forward(x, mask)[b, positions[b]]`: both scans still run over the whole sequence,
+                but the gate `z` and `out_proj` are computed at the P rows alone.
 
         Returns:
-            `(B, L, C)`; rows at padded positions are defined but meaningless.
+            `(B, L, C)`, or `(B, P, C)` with `positions`; rows at padded positions are defined but meaningless.
         """
         check_tensor("x", x, 3, "(B, L, C)")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, L, C) with C = {self.d_model}, got {tuple(x.shape)}")
         if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if positions is not None:
+            positions = check_positions(positions, x.shape[0], x.shape[1])
         m = None
         if mask is not None:
             m = mask.bool()[:, None, :]
@@ -209,13 +217,26 @@ class BiMamba(nn.Module):
         # read without transposing; out_proj maps the (B, D, L) result straight back to contiguous
         # (B, L, C) tokens (see `ops/channel_linear.py`). Wrapped or hooked projections run as modules.
         if _plain_linear(self.in_proj):
-            bias = (None, None) if self.in_proj.bias is None else self.in_proj.bias.chunk(2)
-            xs, zs = (tokens_to_channels(x, w, b) for w, b in zip(self.in_proj.weight.chunk(2), bias))
-        else:
-            xs, zs = (t.contiguous() for t in rearrange(self.in_proj(x), "b l d -> b d l").chunk(2, dim=1))
-        y = self._direction(xs, zs, m, "")
-        if self.bidirectional:
-            y = y + self._direction(xs, zs, m, "_b")
+            (w_x, w_z), bias = self.in_proj.weight.chunk(2), self.in_proj.bias
+            b_x, b_z = (None, None) if bias is None else bias.chunk(2)
+            rows = x if positions is None else x.gather(1, repeat(positions, "b p -> b p c", c=x.shape[-1]))
+            xs, zs = tokens_to_channels(x, w_x, b_x), tokens_to_channels(rows, w_z, b_z)
+        else:  # the module once, on every row
+            xz = rearrange(self.in_proj(x), "b l d -> b d l")
+            xs, zs = xz[:, : self.d_inner].contiguous(), xz[:, self.d_inner :]
+            if positions is not None:
+                zs = zs.gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
+            zs = zs.contiguous()
+        if positions is None:  # the gate is fused into each scan: (y_f + y_b) * silu(z) = sum of gated scans
+            y = self._direction(xs, zs, m, "")
+            if self.bidirectional:
+                y = y + self._direction(xs, zs, m, "_b")
+        else:  # ungated scans, read at the rows, then gated there
+            index = repeat(positions, "b p -> b d p", d=self.d_inner)
+            y = self._direction(xs, None, m, "").gather(2, index)
+            if self.bidirectional:
+                y = y + self._direction(xs, None, m, "_b").gather(2, index)
+            y = y * F.silu(zs.to(y.dtype))
         if _plain_linear(self.out_proj):
             return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(rearrange(y, "b d l -> b l d"))

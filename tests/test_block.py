@@ -96,6 +96,25 @@ def test_compiled_dropout_mask_ignores_thread_count_and_layout(dropout_path):
     torch.testing.assert_close(MaskDropout(0.3)(x.t().contiguous().t()), many)
 
 
+@pytest.mark.parametrize("mixer", ["bimamba", "mamba", "attention"])
+def test_positions_give_those_rows_of_the_block_output(mixer):
+    torch.manual_seed(0)
+    blk = ResMambaBlock(16, mixer=mixer, d_state=4, num_heads=4).eval()
+    torch.nn.init.normal_(blk.proj.weight, std=0.3)
+    x = torch.randn(2, 11, 16, requires_grad=True)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[0, 8:] = False
+    positions = torch.tensor([[0, 3, 7], [10, 2, 2]])
+    rows = blk(x, mask, positions)
+    full = blk(x, mask).gather(1, positions[..., None].expand(-1, -1, 16))
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-6)
+    (g_rows,) = torch.autograd.grad(rows.sum(), x)
+    (g_full,) = torch.autograd.grad(full.sum(), x)
+    torch.testing.assert_close(g_rows, g_full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="positions must index rows in"):
+        blk(x, mask, positions + 5)
+
+
 def test_attention_mask_hides_padded_keys():
     g = torch.Generator().manual_seed(2)
     mixer = AttentionMixer(8, num_heads=2)

@@ -114,6 +114,24 @@ def test_batch_independence():
     assert not torch.allclose(out2[1], out[1])
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_forward_reads_the_cls_rows_of_forward_features(mode, mixer):
+    """forward() computes the last block at the CLS rows only: the same values and gradients as reading
+    them out of the whole mixed sequence."""
+    head = _perturb_blocks(MUSEHead(16, depth=2, d_state=4, num_heads=4, aggregation=mode, mixer=mixer)).eval()
+    x = _tokens(2, 3, 4, 4, 16).requires_grad_()
+    frame_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    for mask in (None, frame_mask):
+        out = head(x, mask)
+        seq, _, cls_index = head.forward_features(x, mask)
+        ref = head.forward_head(seq, cls_index, mask)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        (g_out,) = torch.autograd.grad(out.square().sum(), x)
+        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_grad_checkpointing_gives_the_same_result():
     head = _perturb_blocks(MUSEHead(16, depth=2, d_state=4)).eval()
     x = _tokens(2, 2, 4, 4, 16).requires_grad_()

@@ -124,6 +124,32 @@ def test_wrapped_or_hooked_projections_run_as_modules(name):
     assert (hooked(u) - base).abs().max() > 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # the torch scan, the compiled one
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_positions_return_those_rows_of_the_full_output(dtype, bidirectional, wrapped):
+    """forward(x, mask, positions) = forward(x, mask) at those rows, values and every gradient."""
+    g = torch.Generator().manual_seed(6)
+    m = BiMamba(16, d_state=4, bidirectional=bidirectional).to(dtype)
+    _randomise(m, g)
+    if wrapped:  # the module path of in_proj
+        m.in_proj = _Lora(m.in_proj).to(dtype)
+    u = torch.randn(3, 21, 16, generator=g, dtype=dtype, requires_grad=True)
+    mask = torch.ones(3, 21, dtype=torch.bool)
+    mask[1, 15:] = False
+    positions = torch.tensor([[0, 20, 7], [14, 0, 3], [5, 5, 1]])
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for mk in (None, mask):
+        rows = m(u, mk, positions)
+        full = m(u, mk).gather(1, positions[..., None].expand(-1, -1, 16))
+        assert rows.shape == (3, 3, 16)
+        torch.testing.assert_close(rows, full, **tol)
+        grad = torch.randn(rows.shape, generator=g, dtype=dtype)
+        params = [u] + [p for p in m.parameters() if p.requires_grad]
+        for a, b in zip(torch.autograd.grad(rows, params, grad), torch.autograd.grad(full, params, grad)):
+            torch.testing.assert_close(a, b, **tol)
+
+
 def test_direction_symmetry():
     """Reversing the sequence and swapping the forward/backward parameter sets reverses the output."""
     g = torch.Generator().manual_seed(4)
@@ -167,6 +193,18 @@ def test_masked_tail_is_invisible(bidirectional):
     u2 = u.clone()
     u2[1, 7:] = 100.0
     torch.testing.assert_close(m(u2, mask)[1, :7], out[1, :7])
+
+
+def test_bad_positions():
+    m, u = BiMamba(8, d_state=4), torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"positions must have shape \(B, P\) with B = 2, got shape \(3,\)"):
+        m(u, positions=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="positions must be an integer tensor, got dtype torch.float32"):
+        m(u, positions=torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=r"positions must index rows in \[0, 5\), got values in \[0, 5\]"):
+        m(u, positions=torch.tensor([[0], [5]]))
+    with pytest.raises(TypeError, match="positions must be a torch.Tensor of shape \\(B, P\\), got list"):
+        m(u, positions=[[0], [1]])
 
 
 def test_errors():
