@@ -31,7 +31,6 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -158,10 +157,8 @@ def build_step(cfg: Dict[str, Any]) -> Tuple[Callable[[], None], Dict[str, Any],
 
 
 def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Build one (head, mode) step and measure it in this process (or both heads, with `pairs`)."""
+    """Build one (head, mode) step and measure it in this process."""
     _common.configure_torch(cfg["threads"])
-    if cfg.get("pairs"):
-        return paired_worker(cfg)
     device = torch.device(cfg["device"])
     step, facts, _ = build_step(cfg)
     # one step first creates the optimizer state, so the memory step sees a steady state
@@ -184,28 +181,6 @@ def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def paired_worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Both heads in one process, their steps alternating (meanP, MUSE, MUSE, meanP, ...): each MUSE step
-    is divided by the meanP step beside it, so a drift in the machine's speed cancels out of the ratio."""
-    device = torch.device(cfg["device"])
-    steps = {head: build_step({**cfg, "head": head})[0] for head in HEADS}
-    for step in steps.values():
-        for _ in range(max(cfg["warmup"], 1)):
-            step()
-    runs: Dict[str, List[float]] = {head: [] for head in HEADS}
-    for i in range(cfg["pairs"]):
-        for head in HEADS if i % 2 == 0 else HEADS[::-1]:
-            _common.synchronize(device)
-            start = time.perf_counter()
-            steps[head]()
-            _common.synchronize(device)
-            runs[head].append(time.perf_counter() - start)
-    ratios = [m / p for m, p in zip(runs["MUSE"], runs["meanP"])]
-    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {**cfg, "paired_runs_s": runs, "paired_ratios": ratios, "paired_ratio_median": statistics.median(ratios),
-            "paired_ratio_q1": quartiles[0], "paired_ratio_q3": quartiles[-1]}
-
-
 # ---------------------------------------------------------------------------------------- main
 
 
@@ -224,15 +199,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     _common.add_amp_arg(parser)
     parser.add_argument("--rounds", type=int, default=2,
                         help="subprocess rounds per head, alternating heads; runs are pooled (peak: the largest)")
-    parser.add_argument("--pairs", type=int, default=10,
-                        help="then both heads in one process, steps alternating, this many pairs: the median of "
-                        "the per-pair time ratios, which a drift in the machine's speed does not move (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_ratio", action="store_true",
                         help="MUSE step from the feature cache against the online MUSE step, same batch (a ratio)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup, args.rounds, args.pairs = 1, 1, 1, min(args.pairs, 2)
+        args.repeats, args.warmup, args.rounds = 1, 1, 1
         if args.model == "ViT-B-32-quickgelu":
             args.model = TINY_CLIP
         args.batch, args.frames, args.dim = min(args.batch, 2), min(args.frames, 4), min(args.dim, 128)
@@ -273,12 +245,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             print(f"[{row['head']:>5}] round {round_ + 1}: step {res['step_s']:.4g} s, peak {res['step_peak_mib']:.1f} MiB",
                   flush=True)
 
-    paired = None
-    if args.pairs > 0:
-        paired = _common.run_worker(__file__, {**base, "head": "both", "pairs": args.pairs}, args.timeout_s)
-        print("[pairs] " + (paired.get("error") or f"median MUSE / meanP {paired['paired_ratio_median']:.3f} "
-                            f"(quartiles {paired['paired_ratio_q1']:.3f} - {paired['paired_ratio_q3']:.3f})"), flush=True)
-
     by_head = {r["head"]: r for r in rows if "error" not in r}
     ratios = {}
     if len(by_head) == len(HEADS):
@@ -287,28 +253,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "step_min_time_muse_over_meanp": m["step_min_s"] / p["step_min_s"],
                   "step_peak_muse_over_meanp": m["step_peak_mib"] / max(p["step_peak_mib"], 1e-9),
                   "step_gflop_muse_over_meanp": m["step_gflop"] / max(p["step_gflop"], 1e-9)}
-    if paired is not None and "error" not in paired:
-        ratios.update({f"paired_step_time_muse_over_meanp_{k}": paired[f"paired_ratio_{k}"]
-                       for k in ("median", "q1", "q3")})
     machine = _common.machine_info(device)
     machine["load_average_before"], machine["load_average_after"] = load_before, _common.load_average()
     payload = {"benchmark": "step_from_cache" if args.from_cache else "step", "quick": args.quick,
-               "machine": machine, "settings": {**base, "rounds": args.rounds, "pairs": args.pairs},
-               "rows": rows, "paired": paired, "ratios": ratios}
+               "machine": machine, "settings": {**base, "rounds": args.rounds},
+               "rows": rows, "ratios": ratios}
     cols = [("head", "head"), ("model", "model"), ("B", "batch"), ("T", "frames"), ("L", "seq_len"),
             ("trainable params", "trainable_params"), ("step s (median)", "step_s"), ("step s (min)", "step_min_s"),
             ("peak extra MiB", "step_peak_mib"), ("GFLOP (matmul + conv)", "step_gflop"), ("timed steps", "n_runs"),
             ("error", "error")]
     text = _common.markdown_table([{**r, "n_runs": len(r.get("step_runs_s", [])) or None} for r in rows], cols)
     if ratios:
-        if "paired_step_time_muse_over_meanp_q1" in ratios:
-            q1, q3 = ratios["paired_step_time_muse_over_meanp_q1"], ratios["paired_step_time_muse_over_meanp_q3"]
-            ratios = {**ratios, "paired_quartiles": f"{q1:.3f} - {q3:.3f}"}
         text += "\n\n" + _common.markdown_table(
             [ratios], [("time MUSE / meanP (median)", "step_time_muse_over_meanp"),
                        ("time MUSE / meanP (min)", "step_min_time_muse_over_meanp"),
-                       ("paired steps: median ratio", "paired_step_time_muse_over_meanp_median"),
-                       ("paired: quartiles", "paired_quartiles"),
                        ("peak memory MUSE / meanP", "step_peak_muse_over_meanp"),
                        ("matmul + conv FLOPs MUSE / meanP", "step_gflop_muse_over_meanp")])
     out = _common.write_outputs(args.out, payload, text)
