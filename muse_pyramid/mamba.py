@@ -15,7 +15,9 @@ set carries a `_b` suffix (`A_b_log`, `D_b`, `conv1d_b`, `x_proj_b`, `dt_proj_b`
 
 The backward direction runs backwards in time on the same `x, z` (an anti-causal conv and a
 reversed scan, the same as flipping `xz`, running the forward recipe and flipping `y` back, but with
-no flipped copies); the output is `out_proj(y_fwd + y_bwd)`.
+no flipped copies); the output is `out_proj(y_fwd + y_bwd)`. With `positions`, only some rows are
+wanted: the scans run ungated over the whole sequence, and the gate SiLU(z) (shared by both directions)
+and `out_proj` are applied at those rows alone.
 
 Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the input tokens
 (hence the conv input, as `in_proj` has no bias) and delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
