@@ -95,7 +95,7 @@ def _cpu_model() -> str:
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
-        return out.stdout.strip()
+        return out.stdout.rstrip()  # not strip(): porcelain lines start with a status column
     except OSError:
         return ""
 
