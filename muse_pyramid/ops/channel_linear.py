@@ -78,100 +78,76 @@ def _sum_mm(pairs) -> torch.Tensor:
     return acc
 
 
-class _TokensToChannels(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x.contiguous()
-        out = x.new_empty(x.shape[0], weight.shape[0], x.shape[1])
-        for b in range(x.shape[0]):
-            _mm_channel_major(weight, x[b], out[b])
-        if bias is not None:
-            out.add_(bias[:, None])
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # (B, M, L)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            for b in range(x.shape[0]):
-                torch.mm(grad[b].t(), weight, out=dx[b])  # (L, M) @ (M, K)
-        if ctx.needs_input_grad[1]:
-            dw = _sum_mm((grad[b], x[b]) for b in range(x.shape[0]))  # (M, L) @ (L, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.sum(dim=(0, 2))
-        return dx, dw, db
-
-
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """`t` `(B, K, L)` with every `t[b]` a dense `(K, L)` matrix (a split along dim 1 keeps that), else a copy."""
+    """`t` `(B, R, S)` with every `t[b]` a dense `(R, S)` matrix (a split along dim 1 keeps that), else a copy."""
     return t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous()
 
 
-class _ChannelsLinear(torch.autograd.Function):
+# The three maps differ in four places only: the output layout, the forward product, the product for the
+# input gradient, and the operands of the weight gradient (always (M, L) @ (L, K)). Per batch element,
+# with x_b the input, g_b the output gradient and W (M, K):
+_TOKENS_TO_CHANNELS, _CHANNELS_LINEAR, _CHANNELS_TO_TOKENS = "tokens_to_channels", "channels_linear", "channels_to_tokens"
+
+
+def _forward_product(kind: str, x_b: torch.Tensor, weight: torch.Tensor, out_b: torch.Tensor) -> None:
+    if kind == _TOKENS_TO_CHANNELS:  # (M, K) @ (L, K).T, channel-major: blocked
+        _mm_channel_major(weight, x_b, out_b)
+    elif kind == _CHANNELS_LINEAR:  # (M, K) @ (K, L)
+        torch.mm(weight, x_b, out=out_b)
+    else:  # (L, K) @ (K, M)
+        torch.mm(x_b.t(), weight.t(), out=out_b)
+
+
+def _input_grad_product(kind: str, g_b: torch.Tensor, weight: torch.Tensor, dx_b: torch.Tensor) -> None:
+    if kind == _TOKENS_TO_CHANNELS:  # (L, M) @ (M, K)
+        torch.mm(g_b.t(), weight, out=dx_b)
+    elif kind == _CHANNELS_LINEAR:  # (K, M) @ (M, L)
+        torch.mm(weight.t(), g_b, out=dx_b)
+    else:  # (K, M) @ (L, M).T, channel-major: blocked
+        _mm_channel_major(weight.t(), g_b, dx_b)
+
+
+def _weight_grad_operands(kind: str, g_b: torch.Tensor, x_b: torch.Tensor) -> tuple:
+    if kind == _TOKENS_TO_CHANNELS:
+        return g_b, x_b
+    if kind == _CHANNELS_LINEAR:
+        return g_b, x_b.t()
+    return g_b.t(), x_b.t()
+
+
+class _BatchedLinear(torch.autograd.Function):
+    """One of the three maps on the CPU: per batch element, every product written in place."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: str) -> torch.Tensor:
         x = _rows_contiguous(x)
-        out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2])
+        tokens_out = kind == _CHANNELS_TO_TOKENS
+        length = x.shape[1] if kind == _TOKENS_TO_CHANNELS else x.shape[2]
+        shape = (x.shape[0], length, weight.shape[0]) if tokens_out else (x.shape[0], weight.shape[0], length)
+        out = x.new_empty(shape)
         for b in range(x.shape[0]):
-            torch.mm(weight, x[b], out=out[b])  # (M, K) @ (K, L)
+            _forward_product(kind, x[b], weight, out[b])
         if bias is not None:
-            out.add_(bias[:, None])
+            out.add_(bias if tokens_out else bias[:, None])
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.kind, ctx.has_bias = kind, bias is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # (B, M, L)
+        grad = grad.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = x.new_empty(x.shape)
             for b in range(x.shape[0]):
-                torch.mm(weight.t(), grad[b], out=dx[b])  # (K, M) @ (M, L)
+                _input_grad_product(ctx.kind, grad[b], weight, dx[b])
         if ctx.needs_input_grad[1]:
-            dw = _sum_mm((grad[b], x[b].t()) for b in range(x.shape[0]))  # (M, L) @ (L, K)
+            dw = _sum_mm(_weight_grad_operands(ctx.kind, grad[b], x[b]) for b in range(x.shape[0]))
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.sum(dim=(0, 2))
-        return dx, dw, db
-
-
-class _ChannelsToTokens(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        y = y.contiguous()
-        out = y.new_empty(y.shape[0], y.shape[2], weight.shape[0])
-        for b in range(y.shape[0]):
-            torch.mm(y[b].t(), weight.t(), out=out[b])  # (L, K) @ (K, M)
-        if bias is not None:
-            out.add_(bias)
-        ctx.save_for_backward(y, weight)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        y, weight = ctx.saved_tensors
-        grad = grad.contiguous()  # (B, L, M)
-        dy = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dy = torch.empty_like(y)
-            w_t = weight.t()
-            for b in range(y.shape[0]):
-                _mm_channel_major(w_t, grad[b], dy[b])  # (K, M) @ (M, L)
-        if ctx.needs_input_grad[1]:
-            dw = _sum_mm((grad[b].t(), y[b].t()) for b in range(y.shape[0]))  # (M, L) @ (L, K)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = grad.sum(dim=(0, 1))
-        return dy, dw, db
+            db = grad.sum(dim=(0, 1) if ctx.kind == _CHANNELS_TO_TOKENS else (0, 2))
+        return dx, dw, db, None
 
 
 def tokens_to_channels(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -187,7 +163,7 @@ def tokens_to_channels(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     _check("x", x, weight, bias, "(B, L, K)")
     if _cpu_path(x, weight, bias):
-        return _TokensToChannels.apply(x, weight, bias)
+        return _BatchedLinear.apply(x, weight, bias, _TOKENS_TO_CHANNELS)
     w = weight.expand(x.shape[0], -1, -1)
     if bias is None:
         return torch.bmm(w, x.transpose(1, 2))
@@ -207,7 +183,7 @@ def channels_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """
     _check("x", x, weight, bias, "(B, K, L)")
     if _cpu_path(x, weight, bias):
-        return _ChannelsLinear.apply(x, weight, bias)
+        return _BatchedLinear.apply(x, weight, bias, _CHANNELS_LINEAR)
     w = weight.expand(x.shape[0], -1, -1)
     return torch.bmm(w, x) if bias is None else torch.baddbmm(bias[:, None], w, x)
 
@@ -225,6 +201,6 @@ def channels_to_tokens(y: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """
     _check("y", y, weight, bias, "(B, K, L)")
     if _cpu_path(y, weight, bias):
-        return _ChannelsToTokens.apply(y, weight, bias)
+        return _BatchedLinear.apply(y, weight, bias, _CHANNELS_TO_TOKENS)
     w = weight.t().expand(y.shape[0], -1, -1)
     return torch.bmm(y.transpose(1, 2), w) if bias is None else torch.baddbmm(bias, y.transpose(1, 2), w)
