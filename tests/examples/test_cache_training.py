@@ -63,7 +63,7 @@ def _final_state(out_dir):
 
 def _assert_same_training(a, b, res_a, res_b, rtol, atol, outliers=0.0, outlier_atol=0.0):
     """Same final weights and loss history; with `outliers`, that fraction of the elements of a
-    tensor may be off by up to `outlier_atol` instead."""
+    tensor (at least one element) may be off by up to `outlier_atol` instead."""
     assert a.keys() == b.keys()
     for key in a:
         if not outliers or not a[key].is_floating_point():
@@ -71,7 +71,8 @@ def _assert_same_training(a, b, res_a, res_b, rtol, atol, outliers=0.0, outlier_
             continue
         diff = (a[key].double() - b[key].double()).abs()
         off = diff > atol + rtol * b[key].double().abs()
-        assert off.double().mean() <= outliers, f"{key}: {int(off.sum())} of {off.numel()} elements differ"
+        allowed = max(1, int(outliers * off.numel()))  # a whole element, at least, in a small tensor
+        assert int(off.sum()) <= allowed, f"{key}: {int(off.sum())} of {off.numel()} elements differ"
         assert diff.max() <= outlier_atol, f"{key}: max difference {diff.max():.3g}"
     for ha, hb in zip(res_a["history"], res_b["history"]):
         assert ha["step"] == hb["step"]
@@ -110,7 +111,7 @@ def test_training_from_cache_is_within_fp16_of_fp32_online(data, cache_dir, tmp_
     # within 1e-2 relative. Adam normalises each update, so an element whose gradient is near zero
     # may step the other way: a few per thousand may differ by up to 2 lr per step.
     _assert_same_training(_final_state(tmp_path / "online"), _final_state(tmp_path / "cached"), res_online,
-                          res_cached, rtol=1e-2, atol=1e-3, outliers=2e-3, outlier_atol=6 * 2 * 1e-3)
+                          res_cached, rtol=1e-2, atol=1e-3, outliers=5e-3, outlier_atol=6 * 2 * 1e-3)
 
 
 def test_evaluation_from_cache_equals_online(data, cache_dir, tmp_path, tolerances):
