@@ -69,14 +69,17 @@ def check_frame_mask(frame_mask: Optional[torch.Tensor], batch: int, frames: int
 
 
 def check_positions(positions: object, batch: int, length: int) -> torch.Tensor:
-    """Validate `(B, P)` integer row indices into a length-`length` sequence; returns them as int64."""
+    """Validate `(B, P)` integer row indices into a length-`length` sequence; returns them as int64.
+
+    The range of the values is checked for CPU tensors only: on an accelerator, reading min/max would
+    stall the host on every call (an out-of-range index there fails inside `gather` instead)."""
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a torch.Tensor of shape (B, P), got {type(positions).__name__}")
     if positions.ndim != 2 or positions.shape[0] != batch:
         raise ValueError(f"positions must have shape (B, P) with B = {batch}, got shape {tuple(positions.shape)}")
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
+    if positions.device.type == "cpu" and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
         raise ValueError(
             f"positions must index rows in [0, {length}), got values in [{int(positions.min())}, {int(positions.max())}]"
         )

@@ -174,10 +174,10 @@ class MUSEHead(nn.Module):
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """New per-frame features.
 
-        The same as `forward_head(*forward_features(tokens, frame_mask), frame_mask)`, but the last block
-        computes its output at the CLS positions only (its mixer still reads the whole sequence), the
-        only rows that are read out: its gate, `out_proj`, dropout, projection and residual run on
-        T rows instead of L.
+        The same as `forward_head(seq, cls_index, frame_mask)` on `seq, _, cls_index =
+        forward_features(tokens, frame_mask)`, but the last block computes its output at the CLS
+        positions only, the only rows read out (its mixer still reads the whole sequence): its gate,
+        `out_proj`, dropout, projection and residual run on T rows instead of L.
 
         Args:
             tokens: `(B, T, 1+H*W, C)` last-layer CLIP tokens (after ln_post and the visual projection).
