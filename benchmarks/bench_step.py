@@ -94,8 +94,8 @@ def random_captions(batch: int, words: int, gen: torch.Generator) -> torch.Tenso
 # -------------------------------------------------------------------------------------- worker
 
 
-def build_step(cfg: Dict[str, Any]) -> Tuple[Callable[[], None], Dict[str, Any], List[nn.Parameter]]:
-    """Build one (head, mode) training step in this process: `(step, facts, trainable params)`."""
+def build_step(cfg: Dict[str, Any]) -> Tuple[Callable[[], None], Dict[str, Any]]:
+    """Build one (head, mode) training step in this process: `(step, facts about it)`."""
     from muse_pyramid import MUSEHead, pool_video
     from muse_pyramid.backbones import open_clip_text_features
     from muse_pyramid.ops import scan_backend
@@ -153,14 +153,14 @@ def build_step(cfg: Dict[str, Any]) -> Tuple[Callable[[], None], Dict[str, Any],
         "seq_len": None if head is None else head.sequence_length(t, tuple(grid)),
         "scan_backend_used": scan_backend(torch.empty(0, device=device)) if head is not None else None,
     }
-    return step, facts, params
+    return step, facts
 
 
 def worker(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Build one (head, mode) step and measure it in this process."""
     _common.configure_torch(cfg["threads"])
     device = torch.device(cfg["device"])
-    step, facts, _ = build_step(cfg)
+    step, facts = build_step(cfg)
     # one step first creates the optimizer state, so the memory step sees a steady state
     for _ in range(max(cfg["warmup"], 1)):
         step()

@@ -151,9 +151,9 @@ class ResMambaBlock(nn.Module):
         check_tensor("x", x, 3, "(B, L, C)")
         if positions is None:
             return x + self.proj(self.drop(self.mixer(self.norm(x), mask)))
-        positions = check_positions(positions, x.shape[0], x.shape[1])
-        rows = x.gather(1, repeat(positions, "b p -> b p c", c=x.shape[-1]))
-        return rows + self.proj(self.drop(self.mixer(self.norm(x), mask, positions)))
+        mixed = self.mixer(self.norm(x), mask, positions)  # the mixer validates positions
+        rows = x.gather(1, repeat(positions.long(), "b p -> b p c", c=x.shape[-1]))
+        return rows + self.proj(self.drop(mixed))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mixer={self.mixer_type!r}, dropout={self.drop.p}"

@@ -30,7 +30,7 @@ _COLUMN_BLOCK = 256
 
 
 def _check(name: str, t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layout: str) -> None:
-    """Shape checks shared by both maps; `layout` names the expected input shape."""
+    """Shape checks shared by the three maps; `layout` names the expected input shape."""
     for arg, v in ((name, t), ("weight", weight), ("bias", bias)):
         if v is not None and not isinstance(v, torch.Tensor):
             raise TypeError(f"argument `{arg}` must be a torch.Tensor, got {type(v).__name__}")
