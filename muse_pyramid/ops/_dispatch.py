@@ -11,29 +11,66 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
-from typing import Any, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
-__all__ = ["AUTO", "requested_backend", "check_cuda_usable", "cuda_kernel", "as_device"]
+__all__ = [
+    "AUTO", "SCAN_KERNEL", "CONV_KERNEL", "INNER_KERNEL", "requested_backend", "check_cuda_usable",
+    "probe_cuda_kernel", "warn_cuda_fallback", "is_compiling", "as_device",
+]
+
+_logger = logging.getLogger("muse_pyramid.ops")
 
 AUTO = "auto"
 
-CUDA_INSTALL_HINT = "pip install muse-pyramid[cuda]"
+CUDA_INSTALL_HINT = (
+    "pip install muse-pyramid[cuda] (mamba-ssm versions that no longer build their CUDA extension by "
+    "default need `MAMBA_KEEP_CUDA_BUILD=TRUE pip install mamba-ssm --no-build-isolation`)"
+)
+
+# (compiled extensions that must import, Python module, function): the function's wrapper module
+# imports even when the extension was never built, and then fails at the first call.
+SCAN_KERNEL = (("selective_scan_cuda",), "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+CONV_KERNEL = (("causal_conv1d_cuda",), "causal_conv1d", "causal_conv1d_fn")
+INNER_KERNEL = (
+    ("selective_scan_cuda", "causal_conv1d_cuda"), "mamba_ssm.ops.selective_scan_interface", "mamba_inner_fn"
+)
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` traces (then the ctypes kernels and host syncs are avoided)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 @functools.cache
-def cuda_kernel(module: str, name: str) -> Any | None:
-    """Import ``module.name`` if possible, else return None (result cached per process).
+def probe_cuda_kernel(extensions: Tuple[str, ...], module: str, name: str) -> Tuple[Optional[Any], str]:
+    """``(module.name, "")`` when the compiled ``extensions`` and the wrapper import, else ``(None, reason)``.
 
-    Importing ``mamba_ssm`` can fail with errors other than ImportError (a wheel built for
-    another CUDA raises OSError on its shared library), so any exception means "absent".
+    Cached per process. Importing a CUDA package can fail with errors other than ImportError (a wheel
+    built for another CUDA raises OSError on its shared library), so any exception means "absent".
     """
+    for ext in extensions:
+        try:
+            importlib.import_module(ext)
+        except Exception as exc:  # noqa: BLE001 - any failure means the kernel is unusable here
+            return None, f"its compiled extension `{ext}` does not import ({type(exc).__name__}: {exc})"
     try:
-        return getattr(importlib.import_module(module), name)
-    except Exception:  # noqa: BLE001 - any failure means the kernel is unusable here
-        return None
+        return getattr(importlib.import_module(module), name), ""
+    except Exception as exc:  # noqa: BLE001
+        return None, f"`{module}.{name}` does not import ({type(exc).__name__}: {exc})"
+
+
+@functools.cache
+def warn_cuda_fallback(op: str, reason: str) -> None:
+    """Log once per process and reason that CUDA tensors take the PyTorch path of ``op``."""
+    _logger.warning(
+        "%s: CUDA tensors run on the portable PyTorch path, not the CUDA kernel, because %s. "
+        "Install the kernels with `%s`.", op, reason, CUDA_INSTALL_HINT,
+    )
 
 
 def _check_name(backend: str, valid: tuple, source: str) -> str:
@@ -52,12 +89,12 @@ def requested_backend(backend: str | None, valid: tuple, env_var: str, op: str) 
     return AUTO if forced.lower() in ("", AUTO) else _check_name(forced, valid, f"${env_var}")
 
 
-def check_cuda_usable(kernel: Any | None, package: str, device: torch.device, op: str) -> None:
-    """Raise a RuntimeError saying why a forced "cuda" backend cannot run."""
+def check_cuda_usable(kernel: Any | None, reason: str, device: torch.device, op: str) -> None:
+    """Raise a RuntimeError saying why a forced "cuda" backend cannot run (``reason``: the probe's)."""
     if kernel is None:
         raise RuntimeError(
-            f"{op} backend 'cuda' needs the {package} CUDA kernel, which could not be imported; "
-            f"install it with `{CUDA_INSTALL_HINT}` or use backend='torch'"
+            f"{op} backend 'cuda' cannot run because {reason}; install the kernels with "
+            f"`{CUDA_INSTALL_HINT}` or use backend='torch'"
         )
     if device.type != "cuda":
         raise RuntimeError(f"{op} backend 'cuda' needs CUDA tensors, got tensors on {device}")

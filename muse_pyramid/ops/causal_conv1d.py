@@ -4,11 +4,7 @@ For every batch b, channel d and step t, with ``width = weight.shape[1]``::
 
     out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t - (width - 1) + k]   (x[..., <0] = 0)
 
-followed by ``silu`` when ``activation`` is "silu"/"swish". With ``reverse=True`` the convolution
-runs backwards in time (anti-causal), the same as flipping x along time, convolving, and flipping
-the result back::
-
-    out[b, d, t] = bias[d] + sum_k weight[d, k] * x[b, d, t + (width - 1) - k]   (x[..., >=L] = 0)
+followed by ``silu`` when ``activation`` is "silu"/"swish".
 
 In file order: input checks, the
 readable reference (an explicit sum over the taps), and the dispatching ``causal_conv1d``.
@@ -23,7 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
-from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
+from ._dispatch import (
+    AUTO, CONV_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
+    warn_cuda_fallback,
+)
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
 
@@ -95,16 +94,10 @@ def causal_conv1d_ref(
     return out.to(dtype_in)
 
 
-def _conv_torch(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None, reverse: bool
-) -> torch.Tensor:
+def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> torch.Tensor:
     dtype_in, length = x.dtype, x.shape[-1]
     dim, width = weight.shape
-    # padded on both sides: the first L outputs are the causal ones; with the taps reversed, the
-    # last L are the anti-causal ones (no flipped copy of x)
-    taps = weight.flip(-1) if reverse else weight
-    out = F.conv1d(x.to(weight.dtype), taps.unsqueeze(1), bias, padding=width - 1, groups=dim)
-    out = out[..., width - 1 :] if reverse else out[..., :length]
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=dim)[..., :length]
     if activation is not None:
         out = F.silu(out)
     return out.to(dtype_in)
@@ -112,15 +105,18 @@ def _conv_torch(
 
 def _resolve(device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
     name = requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
-    cuda_fn = cuda_kernel("causal_conv1d", "causal_conv1d_fn")
+    cuda_fn, reason = probe_cuda_kernel(*CONV_KERNEL)
     if name == AUTO:
-        if device.type == "cuda" and cuda_fn is not None and width in _CUDA_WIDTHS:
-            return "cuda"
-        return "compiled" if compiled_usable(device, dtype) else "torch"
+        if device.type == "cuda":
+            if cuda_fn is not None and width in _CUDA_WIDTHS:
+                return "cuda"
+            if cuda_fn is None:
+                warn_cuda_fallback("causal_conv1d", reason)
+        return "compiled" if compiled_usable(device, dtype) and not is_compiling() else "torch"
     if name == "compiled":
         check_compiled_usable(device, dtype, "causal_conv1d")
     if name == "cuda":
-        check_cuda_usable(cuda_fn, "causal_conv1d", device, "causal_conv1d")
+        check_cuda_usable(cuda_fn, reason, device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:
             raise RuntimeError(
                 f"causal_conv1d backend 'cuda' supports width in {_CUDA_WIDTHS}, got width {width}"
@@ -151,7 +147,6 @@ def causal_conv1d(
     bias: torch.Tensor | None = None,
     activation: str | None = None,
     *,
-    reverse: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Depthwise causal convolution (left padding ``width - 1``), like ``causal_conv1d_fn``.
@@ -161,7 +156,6 @@ def causal_conv1d(
         weight: taps ``(dim, width)``; tap ``width - 1`` multiplies the current step.
         bias: ``(dim,)``.
         activation: None, "silu" or "swish".
-        reverse: convolve backwards in time (``out[t]`` sees ``x[t:t + width]``), as if x were flipped.
         backend: None/"auto", or one of :data:`CONV_BACKENDS` to force it; the environment
             variable ``MUSE_PYRAMID_CONV_BACKEND`` forces one when the argument is left automatic.
 
@@ -171,10 +165,8 @@ def causal_conv1d(
     _check_inputs(x, weight, bias, activation)
     name = _resolve(x.device, weight.shape[1], backend, x.dtype)
     if name == "cuda":
-        fn = cuda_kernel("causal_conv1d", "causal_conv1d_fn")
-        if reverse:  # the CUDA kernel is causal only
-            return fn(x.flip(-1), weight, bias, activation=activation).flip(-1)
+        fn, _ = probe_cuda_kernel(*CONV_KERNEL)
         return fn(x, weight, bias, activation=activation)
     if name == "compiled":
-        return compiled_conv(x, weight, bias, activation is not None, reverse).to(x.dtype)
-    return _conv_torch(x, weight, bias, activation, reverse)
+        return compiled_conv(x, weight, bias, activation is not None, False).to(x.dtype)
+    return _conv_torch(x, weight, bias, activation)

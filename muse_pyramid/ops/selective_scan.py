@@ -30,7 +30,10 @@ from einops import rearrange
 
 from ._chunked_scan import chunked_scan
 from ._cpu_kernel import check_compiled_usable, compiled_scan, compiled_usable
-from ._dispatch import AUTO, as_device, check_cuda_usable, cuda_kernel, requested_backend
+from ._dispatch import (
+    AUTO, SCAN_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
+    warn_cuda_fallback,
+)
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
 
@@ -207,13 +210,15 @@ def selective_scan_ref(
 def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
     """Name of the backend that runs tensors of ``device``/``dtype``; raises when forced and unusable."""
     name = requested_backend(backend, SCAN_BACKENDS, SCAN_BACKEND_ENV, "selective_scan")
-    cuda_fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+    cuda_fn, reason = probe_cuda_kernel(*SCAN_KERNEL)
     if name == AUTO:
-        if device.type == "cuda" and cuda_fn is not None:
-            return "cuda"
-        return "compiled" if compiled_usable(device, dtype) else "torch"
+        if device.type == "cuda":
+            if cuda_fn is not None:
+                return "cuda"
+            warn_cuda_fallback("selective_scan", reason)
+        return "compiled" if compiled_usable(device, dtype) and not is_compiling() else "torch"
     if name == "cuda":
-        check_cuda_usable(cuda_fn, "mamba_ssm", device, "selective_scan")
+        check_cuda_usable(cuda_fn, reason, device, "selective_scan")
     if name == "compiled":
         check_compiled_usable(device, dtype, "selective_scan")
     return name
@@ -246,7 +251,6 @@ def selective_scan(
     delta_softplus: bool = False,
     return_last_state: bool = False,
     *,
-    reverse: bool = False,
     backend: str | None = None,
 ) -> ScanOutput:
     """Selective scan with the semantics of ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``.
@@ -264,9 +268,6 @@ def selective_scan(
         delta_bias: added to delta ``(dim,)`` before the optional softplus.
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state ``(batch, dim, N)``.
-        reverse: scan from the last step to the first: the same as flipping u, delta, z, B and C
-            along time, scanning, and flipping ``out`` back (``last_state`` is then the state after
-            step 0). The compiled backend does it without flipped copies of u, delta and z.
         backend: None/"auto", or one of :data:`SCAN_BACKENDS` to force it; the environment
             variable ``MUSE_PYRAMID_SCAN_BACKEND`` forces one when the argument is left automatic.
 
@@ -275,24 +276,18 @@ def selective_scan(
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     name = _resolve(u.device, u.dtype, backend)
-    if reverse and name != "compiled":  # flip along time, scan forwards, flip the output back
-        u, delta, B, C, z = (None if t is None else t.flip(-1) for t in (u, delta, B, C, z))
-        result = selective_scan(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend=name
-        )
-        return (result[0].flip(-1), result[1]) if return_last_state else result.flip(-1)
     if name == "cuda":
-        fn = cuda_kernel("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+        fn, _ = probe_cuda_kernel(*SCAN_KERNEL)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
     with _no_autocast(u.device):
-        # both cores read B/C time-major: (batch, G, L, N)
-        B_t, C_t = (rearrange(_as_groups(t).to(dtype), "b g n l -> b g l n") for t in (B, C))
         if name == "compiled":  # fuses bias, softplus, skip and gate into the kernel
-            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus, reverse)
+            # the kernel reads B/C time-major: (batch, G, L, N)
+            B_t, C_t = (rearrange(_as_groups(t).to(dtype), "b g n l -> b g l n") for t in (B, C))
+            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus, False)
         else:
             u = u.to(dtype)
             delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
-            y, last_state = chunked_scan(u, delta, A.to(dtype), B_t, C_t)
+            y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
             out = _skip_and_gate(y, u, D, z)
     return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)

@@ -1,5 +1,5 @@
-"""causal_conv1d against F.conv1d with explicit left padding, for every CPU backend and both time
-directions, plus dispatch and errors."""
+"""causal_conv1d against F.conv1d with explicit left padding, for every CPU backend, plus dispatch
+and errors."""
 
 import functools
 
@@ -32,30 +32,19 @@ def conv_f64(x, weight, bias, activation):
     [(4, 17, "silu", True), (2, 1, None, False), (5, 3, "swish", True), (1, 6, None, True)],
 )
 def test_matches_padded_conv(fn, width, length, activation, use_bias, tolerances):
-    check_against_padded_conv(fn, width, length, activation, use_bias, False, tolerances)
+    check_against_padded_conv(fn, width, length, activation, use_bias, tolerances)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize(
-    "width,length,activation,use_bias", [(4, 17, "silu", True), (2, 1, None, False), (5, 3, None, True)]
-)
-def test_reverse_is_the_flipped_conv(backend, width, length, activation, use_bias, tolerances):
-    fn = functools.partial(causal_conv1d, backend=backend)
-    check_against_padded_conv(fn, width, length, activation, use_bias, True, tolerances)
-
-
-def check_against_padded_conv(fn, width, length, activation, use_bias, reverse, tolerances):
-    """Values and all gradients against conv_f64 (on the time-flipped input, flipped back, for reverse)."""
+def check_against_padded_conv(fn, width, length, activation, use_bias, tolerances):
+    """Values and all gradients against conv_f64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 6, length, generator=g, requires_grad=True)
     weight = torch.randn(6, width, generator=g, requires_grad=True)
     bias = torch.randn(6, generator=g, requires_grad=True) if use_bias else None
-    out = fn(x, weight, bias, activation, reverse=True) if reverse else fn(x, weight, bias, activation)
+    out = fn(x, weight, bias, activation)
     leaves = [t for t in (x, weight, bias) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    x_ref = ref_leaves[0].flip(-1) if reverse else ref_leaves[0]
-    ref = conv_f64(x_ref, ref_leaves[1], ref_leaves[2] if use_bias else None, activation)
-    ref = ref.flip(-1) if reverse else ref
+    ref = conv_f64(ref_leaves[0], ref_leaves[1], ref_leaves[2] if use_bias else None, activation)
     rtol, atol = tolerances[torch.float32]["out"]
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     grad_out = torch.randn(out.shape, generator=g)

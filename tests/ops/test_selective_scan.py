@@ -73,28 +73,15 @@ def assert_rel_close(actual, expected, rtol, atol, name=""):
     )
 
 
-TIME_MAJOR = ("u", "delta", "z", "B", "C")  # the inputs a reverse scan reads backwards
-
-
 def check_against_reference(
     inputs, softplus, backend, tolerances, grad_names=NAMES, last_state_grad=True, dtype=torch.float32,
-    reverse=False,
 ):
-    """Forward values, last state and the gradients of ``grad_names`` against scan_f64 (run on the
-    time-flipped inputs, its output flipped back, for ``reverse``)."""
+    """Forward values, last state and the gradients of ``grad_names`` against scan_f64."""
     inputs = {k: v for k, v in inputs.items() if v is not None}
     ours = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
     ref = {k: v.double().clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
-    out, last = selective_scan(
-        **ours, delta_softplus=softplus, return_last_state=True, reverse=reverse, backend=backend
-    )
-    if reverse:
-        out_ref, last_ref = scan_f64(
-            **{k: v.flip(-1) if k in TIME_MAJOR else v for k, v in ref.items()}, delta_softplus=softplus
-        )
-        out_ref = out_ref.flip(-1)
-    else:
-        out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
+    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
+    out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
     assert out.dtype == inputs["u"].dtype and out.shape == inputs["u"].shape
     assert last.dtype == torch.promote_types(dtype, torch.float32) and last.shape == last_ref.shape
     rtol, atol = tolerances[dtype]["out"]
@@ -148,25 +135,10 @@ def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n_state", [16, 32, 12])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_state_sizes(backend, n_state, reverse, tolerances):
+def test_state_sizes(backend, n_state, tolerances):
     """Mamba's N = 16 (and 32) take the kernel's vector reductions over blocks of 16 steps (L = 37:
     two full blocks and a partial one); N = 12 the generic loop."""
-    check_against_reference(make_inputs(2, 6, 37, n_state), True, backend, tolerances, reverse=reverse)
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("use_z,softplus,groups", [(True, True, 0), (False, False, 2)])
-def test_reverse_is_the_flipped_scan(monkeypatch, backend, threads, use_z, softplus, groups, tolerances):
-    # 3 threads on 2 batch elements split each batch element's channels; 1 thread takes whole ones
-    monkeypatch.setattr(_cpu_kernel, "_threads", lambda *_: threads)
-    inputs = make_inputs(2, 8, 37, 4, groups=groups)
-    if not softplus:
-        inputs["delta"] = inputs["delta"].abs() + 1e-3
-    if not use_z:
-        inputs["z"] = None
-    check_against_reference(inputs, softplus, backend, tolerances, reverse=True)
+    check_against_reference(make_inputs(2, 6, 37, n_state), True, backend, tolerances)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -208,17 +180,44 @@ def test_compiled_with_several_threads(monkeypatch, threads, tolerances):
     check_against_reference(make_inputs(3, 12, 40, 8, groups=2), True, "compiled", tolerances)
 
 
-@pytest.mark.parametrize("chunk,length", [(7, 20), (7, 21), (16, 5), (16, 1), (1, 4), (4, 37)])
-def test_torch_chunk_boundaries(monkeypatch, chunk, length, tolerances):
-    """L not a multiple of the chunk, L < chunk, L = 1, chunk = 1."""
-    monkeypatch.setattr(chunked_module, "default_chunk_size", lambda _: chunk)
+@pytest.mark.parametrize(
+    "plan,length", [((3, 2), 20), ((3, 2), 18), ((4, 4), 5), ((16, 1), 1), ((1, 1), 4), ((1, 5), 13), ((4, 3), 37)]
+)
+def test_torch_block_boundaries(monkeypatch, plan, length, tolerances):
+    """(steps per chunk, chunks per block): L not a multiple of a block, L shorter than one chunk,
+    L = 1, one-step chunks, one-chunk blocks."""
+    monkeypatch.setattr(chunked_module, "block_plan", lambda *_: plan)
     check_against_reference(make_inputs(2, 4, length, 4, groups=2), True, "torch", tolerances)
 
 
-def test_default_chunk_size_bounds():
-    assert chunked_module.default_chunk_size(1) == 16
-    assert chunked_module.default_chunk_size(3060) == 55
-    assert chunked_module.default_chunk_size(10**6) == 256
+@pytest.mark.parametrize("length,row", [(1, 1), (3060, 2048), (3060, 65536), (65920, 16), (10, 2**30)])
+def test_block_plan_bounds_the_workspace(length, row):
+    chunk, per_block = chunked_module.block_plan(length, row)
+    steps = chunk * per_block
+    blocks = -(-length // steps)
+    assert chunk >= 1 and per_block >= 1 and blocks * steps >= length
+    assert blocks * steps - length < blocks * chunk + per_block  # padding below one chunk per block
+    assert steps * row <= max(chunked_module.BLOCK_ELEMENTS, row) * 1.1  # the element budget holds
+
+
+def test_torch_op_count_grows_with_the_block_count():
+    """The scan's ops grow with the number of chunks and blocks, not with L: one forward+backward
+    at L = 3,060 dispatches few ATen ops (one per token before)."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(2, 64, 3060, 16).items()}
+    with mock.patch.object(chunked_module, "_run", chunked_module._run_function), Count():
+        selective_scan(**inputs, delta_softplus=True, backend="torch").sum().backward()
+    assert 100 < Count.n <= 1500
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -283,13 +282,10 @@ def test_longest_sequence_stays_finite(tolerances):
     inputs = extreme_inputs(1, 2, 65920, 8, softplus=True)
     results = {}
     for backend in CPU_BACKENDS:
-        ours = {
-            k: v.clone().requires_grad_(backend == "compiled") for k, v in inputs.items() if v is not None
-        }
+        ours = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
         out, last = selective_scan(**ours, delta_softplus=True, return_last_state=True, backend=backend)
-        if backend == "compiled":  # cheap enough to check the backward at this length
-            (out.sum() + last.sum()).backward()
-            assert all(torch.isfinite(v.grad).all() for v in ours.values())
+        (out.sum() + last.sum()).backward()
+        assert all(torch.isfinite(v.grad).all() for v in ours.values())
         assert torch.isfinite(out).all() and torch.isfinite(last).all()
         results[backend] = out.detach()
     rtol, atol = tolerances[torch.float32]["out"]
@@ -348,8 +344,8 @@ def test_env_var_forces_backend(monkeypatch):
 
 
 def test_forced_cuda_without_kernel_names_the_extra(monkeypatch):
-    monkeypatch.setattr(scan_module, "cuda_kernel", lambda *_: None)
-    with pytest.raises(RuntimeError, match=r"pip install muse-pyramid\[cuda\]"):
+    monkeypatch.setattr(scan_module, "probe_cuda_kernel", lambda *_: (None, "mamba_ssm is missing"))
+    with pytest.raises(RuntimeError, match=r"because mamba_ssm is missing.*pip install muse-pyramid\[cuda\]"):
         scan_backend("cpu", backend="cuda")
 
 
