@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask", "check_positions"]
+__all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask", "check_positions", "check_prefix_mask"]
 
 
 def check_tensor(name: str, x: object, ndim: int, expected: str) -> torch.Tensor:
@@ -84,3 +84,24 @@ def check_positions(positions: object, batch: int, length: int) -> torch.Tensor:
             f"positions must index rows in [0, {length}), got values in [{int(positions.min())}, {int(positions.max())}]"
         )
     return positions.long()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def check_prefix_mask(mask: object, shape: Sequence[int]) -> torch.Tensor:
+    """Validate a `(B, L)` token mask whose real tokens (True) come before the padding; returns it as bool.
+
+    The order of the values is checked for CPU tensors outside `torch.compile` only: elsewhere reading
+    it back would stall the host on every call."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of shape (B, L), got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape (B, L) = {tuple(shape)}, got {tuple(mask.shape)}")
+    mask = mask.bool()
+    if mask.device.type == "cpu" and not _compiling() and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        rows = (mask[:, 1:] & ~mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"mask must hold its real tokens (True) before the padding, rows {rows} do not")
+    return mask

@@ -13,33 +13,55 @@ set carries a `_b` suffix (`A_b_log`, `D_b`, `conv1d_b`, `x_proj_b`, `dt_proj_b`
     delta = softplus(dt_proj(dt))
     y     = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
 
-The backward direction runs backwards in time on the same `x, z` (an anti-causal conv and a
-reversed scan, the same as flipping `xz`, running the forward recipe and flipping `y` back, but with
-no flipped copies); the output is `out_proj(y_fwd + y_bwd)`. With `positions`, only some rows are
-wanted: the scans run ungated over the whole sequence, and the gate SiLU(z) (shared by both directions)
-and `out_proj` are applied at those rows alone.
+The backward direction runs the same recipe on time-reversed `x, z` and its output is mapped back;
+the output is `out_proj(y_fwd + y_bwd)`. With `positions`, only some rows are wanted: the scans run
+ungated over the whole sequence, and the gate SiLU(z) (shared by both directions) and `out_proj` are
+applied at those rows alone.
 
-Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the input tokens
-(hence the conv input, as `in_proj` has no bias) and delta are zeroed at padded positions. delta = 0 makes exp(delta * A) = 1 and delta * B * x = 0, so the
-scan state passes through the padding unchanged, and a real token never sees a padded one in either
-direction. Tests: `tests/test_mamba.py`.
+Padding: with a `(B, L)` mask whose real tokens come first (see `aggregate.py`), the backward
+direction reverses each sequence's real prefix and leaves the padding at its tail (one gather with
+per-sequence indices, `reversal_index`; the same gather maps the outputs back). Both directions are
+then plain causal scans in which the padding comes after every real token, so no real token can see
+a padded one: no delta masking, no reverse flags. The input tokens at padded positions are zeroed
+first, so whatever they held (NaN included) never reaches a real output.
+
+On CUDA with mamba-ssm and causal-conv1d built, each direction runs through mamba-ssm's fused
+`mamba_inner_fn` (its backward recomputes the conv and delta); elsewhere through `muse_pyramid.ops`.
+Tests: `tests/test_mamba.py`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from ._validate import check_positions, check_tensor
-from .ops import causal_conv1d, selective_scan
+from ._validate import check_positions, check_prefix_mask, check_tensor
+from .ops import causal_conv1d, conv_backend, scan_backend, selective_scan
+from .ops._dispatch import INNER_KERNEL, probe_cuda_kernel
 from .ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
 
-__all__ = ["BiMamba"]
+__all__ = ["BiMamba", "reversal_index"]
+
+
+def reversal_index(mask: Optional[torch.Tensor], batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """`(B, L)` index that reverses each sequence's real prefix and leaves its padded tail in place.
+
+    Row b maps position t to `n_b - 1 - t` for t < n_b (n_b real tokens) and to t after them; with no
+    mask, to `L - 1 - t`. The map is its own inverse, so one gather with it reverses and a second one
+    restores the order.
+
+    mask: `(B, L)` bool (real tokens first) or None.
+    """
+    steps = torch.arange(length, device=device)
+    if mask is None:
+        return (length - 1 - steps).expand(batch, length)
+    real = mask.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(steps < real, real - 1 - steps, steps)
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -148,20 +170,15 @@ class BiMamba(nn.Module):
         """Names of the parameters that carry no weight decay (A_log, D and their backward twins)."""
         return {name for s in self._suffixes for name in (_a_log(s), f"D{s}")}
 
-    def _direction(self, x: torch.Tensor, z: Optional[torch.Tensor], mask: Optional[torch.Tensor], s: str) -> torch.Tensor:
-        """One scan direction (`s` = "" forwards, "_b" backwards in time).
+    def _direction(self, x: torch.Tensor, z: Optional[torch.Tensor], s: str) -> torch.Tensor:
+        """One scan direction (`s` = "" forwards, "_b" for the backward one, fed time-reversed input).
 
-        x: `(B, D, L)` contiguous; z: `(B, D, L)` contiguous gate, or None for the ungated scan;
-        mask: `(B, 1, L)` bool or None -> y `(B, D, L)`.
-
-        `x` is already zero at padded positions (the input tokens are masked before `in_proj`, which
-        has no bias), so the causal conv never sees padding.
+        x: `(B, D, L)` contiguous; z: `(B, D, L)` contiguous gate, or None for the ungated scan -> y `(B, D, L)`.
+        Both directions are plain causal scans: the caller reverses each sequence for "_b".
         """
         conv: nn.Conv1d = getattr(self, f"conv1d{s}")
-        reverse = s == "_b"
         x = causal_conv1d(
-            x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", reverse=reverse,
-            backend=self.conv_backend,
+            x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
         )
         x_proj: nn.Linear = getattr(self, f"x_proj{s}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
@@ -175,18 +192,45 @@ class BiMamba(nn.Module):
             delta, bias = channels_linear(dt, dt_proj.weight), dt_proj.bias  # (B, D, L)
         else:  # the module's own forward, bias included
             delta, bias = rearrange(dt_proj(rearrange(dt, "b r l -> b l r")), "b l d -> b d l").contiguous(), None
-        a = -torch.exp(getattr(self, _a_log(s)).float())
-        d_skip = getattr(self, f"D{s}").float()
-        bias = None if bias is None else bias.float()
-        if mask is None:  # bias and softplus fused into the scan
-            return selective_scan(
-                x, delta, a, b_ssm, c_ssm, d_skip, z=z, delta_bias=bias,
-                delta_softplus=True, reverse=reverse, backend=self.scan_backend,
-            )
-        delta = F.softplus(delta.float() if bias is None else delta.float() + bias[:, None])
-        delta = torch.where(mask, delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
         return selective_scan(
-            x, delta.to(x.dtype), a, b_ssm, c_ssm, d_skip, z=z, reverse=reverse, backend=self.scan_backend
+            x, delta, -torch.exp(getattr(self, _a_log(s)).float()), b_ssm, c_ssm, getattr(self, f"D{s}").float(),
+            z=z, delta_bias=None if bias is None else bias.float(), delta_softplus=True, backend=self.scan_backend,
+        )
+
+    def _fused_inner(self, x: torch.Tensor) -> Optional[Callable]:
+        """mamba-ssm's `mamba_inner_fn` when this call can take it, else None.
+
+        It needs CUDA tensors, both CUDA kernels (not forced away by `scan_backend`/`conv_backend` or
+        their environment variables), a conv width the kernel supports, and plain bias-free `nn.Linear`
+        projections (it reads their weights; `dt_proj`'s bias becomes the scan's delta bias).
+        """
+        if x.device.type != "cuda" or not all(
+            _plain_linear(m) for m in (self.in_proj, self.out_proj, *self._modules_named("x_proj", "dt_proj"))
+        ):
+            return None
+        if self.in_proj.bias is not None or self.out_proj.bias is not None:
+            return None
+        if any(getattr(self, f"x_proj{s}").bias is not None for s in self._suffixes):
+            return None
+        try:
+            if scan_backend(x, self.scan_backend) != "cuda" or conv_backend(x, self.conv_backend, self.d_conv) != "cuda":
+                return None
+        except RuntimeError:
+            return None
+        fn, _ = probe_cuda_kernel(*INNER_KERNEL)
+        return fn
+
+    def _modules_named(self, *prefixes: str) -> list:
+        return [getattr(self, f"{p}{s}") for p in prefixes for s in self._suffixes]
+
+    def _inner_args(self, s: str) -> tuple:
+        """Positional arguments of `mamba_inner_fn` after `xz`, for direction `s`."""
+        conv: nn.Conv1d = getattr(self, f"conv1d{s}")
+        dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
+        return (
+            conv.weight, conv.bias, getattr(self, f"x_proj{s}").weight, dt_proj.weight, self.out_proj.weight, None,
+            -torch.exp(getattr(self, _a_log(s)).float()), None, None, getattr(self, f"D{s}").float(),
+            None if dt_proj.bias is None else dt_proj.bias.float(),
         )
 
     def forward(
@@ -202,19 +246,23 @@ class BiMamba(nn.Module):
                 but the gate `z` and `out_proj` are computed at the P rows alone.
 
         Returns:
-            `(B, L, C)`, or `(B, P, C)` with `positions`; rows at padded positions are defined but meaningless.
+            `(B, L, C)`, or `(B, P, C)` with `positions`; rows at padded positions are defined (finite) but
+            meaningless.
         """
         check_tensor("x", x, 3, "(B, L, C)")
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, L, C) with C = {self.d_model}, got {tuple(x.shape)}")
-        if mask is not None and tuple(mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"mask must have shape (B, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if mask is not None:
+            mask = check_prefix_mask(mask, x.shape[:2])
+            # padded tokens become zeros (whatever they held, NaN included), so the conv and scan inputs
+            # there are finite; they sit behind every real token in both directions
+            x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         if positions is not None:
             positions = check_positions(positions, x.shape[0], x.shape[1])
-        m = None
-        if mask is not None:
-            m = mask.bool()[:, None, :]
-            x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        back = reversal_index(mask, x.shape[0], x.shape[1], x.device) if self.bidirectional else None
+        inner = self._fused_inner(x)
+        if inner is not None:
+            return self._forward_fused(inner, x, back, positions)
         # in_proj writes x and z as contiguous channel-major (B, D, L) maps, which the conv and the scan
         # read without transposing; out_proj maps the (B, D, L) result straight back to contiguous
         # (B, L, C) tokens (see `ops/channel_linear.py`). Wrapped or hooked projections run as modules.
@@ -229,19 +277,39 @@ class BiMamba(nn.Module):
             if positions is not None:
                 zs = zs.gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
             zs = zs.contiguous()
+        back_d = None if back is None else repeat(back, "b l -> b d l", d=self.d_inner)
         if positions is None:  # the gate is fused into each scan: (y_f + y_b) * silu(z) = sum of gated scans
-            y = self._direction(xs, zs, m, "")
+            y = self._direction(xs, zs, "")
             if self.bidirectional:
-                y = y + self._direction(xs, zs, m, "_b")
-        else:  # ungated scans, read at the rows, then gated there
-            index = repeat(positions, "b p -> b d p", d=self.d_inner)
-            y = self._direction(xs, None, m, "").gather(2, index)
+                y = y + self._direction(xs.gather(2, back_d), zs.gather(2, back_d), "_b").gather(2, back_d)
+        else:  # ungated scans, read at the rows (the backward scan at the rows' reversed places), gated there
+            y = self._direction(xs, None, "").gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
             if self.bidirectional:
-                y = y + self._direction(xs, None, m, "_b").gather(2, index)
+                rows_b = repeat(back.gather(1, positions), "b p -> b d p", d=self.d_inner)
+                y = y + self._direction(xs.gather(2, back_d), None, "_b").gather(2, rows_b)
             y = y * F.silu(zs.to(y.dtype))
         if _plain_linear(self.out_proj):
             return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
+
+    def _forward_fused(
+        self, inner: Callable, x: torch.Tensor, back: Optional[torch.Tensor], positions: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Each direction through mamba-ssm's `mamba_inner_fn` (conv, projections, scan, gate and out_proj
+        fused, conv and delta recomputed in its backward). out_proj has no bias, so the sum of the two
+        directions' outputs is out_proj(y_f + y_b), the Vim "v2" output.
+
+        x: `(B, L, C)` (padding zeroed); back: `(B, L)` reversal index or None; positions: `(B, P)` or None.
+        """
+        xz = rearrange(F.linear(x, self.in_proj.weight), "b l d -> b d l")  # (B, 2D, L)
+        out = inner(xz, *self._inner_args(""), delta_softplus=True)  # (B, L, C)
+        if self.bidirectional:
+            rev = repeat(back, "b l -> b l c", c=x.shape[-1])
+            xz_b = xz.gather(2, repeat(back, "b l -> b d l", d=xz.shape[1]))
+            out = out + inner(xz_b, *self._inner_args("_b"), delta_softplus=True).gather(1, rev)
+        if positions is not None:
+            out = out.gather(1, repeat(positions, "b p -> b p c", c=out.shape[-1]))
+        return out
 
     def extra_repr(self) -> str:
         return (

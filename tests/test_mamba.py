@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from muse_pyramid import BiMamba
+from muse_pyramid.mamba import reversal_index
+from muse_pyramid.ops import _cpu_kernel, causal_conv1d_ref, selective_scan_ref
+
+SCAN_BACKENDS = ["torch"] + (["compiled"] if _cpu_kernel.load_kernel() is not None else [])
 
 
 def _ref_direction(m, xz, s):
@@ -178,10 +182,13 @@ def test_forward_only_mamba_is_causal():
     assert not torch.allclose(m(u)[:, 6:], m(u2)[:, 6:])
 
 
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_masked_tail_is_invisible(bidirectional):
+def test_masked_tail_is_invisible(backend, bidirectional):
+    """A sequence padded to L gives, on its real rows, exactly the output and the input gradient of the
+    sequence alone, whatever the padding holds (NaN included); every output stays finite."""
     g = torch.Generator().manual_seed(6)
-    m = BiMamba(8, d_state=4, bidirectional=bidirectional)
+    m = BiMamba(8, d_state=4, bidirectional=bidirectional, scan_backend=backend, conv_backend=backend)
     _randomise(m, g)
     u = torch.randn(2, 12, 8, generator=g)
     mask = torch.ones(2, 12, dtype=torch.bool)
@@ -193,6 +200,72 @@ def test_masked_tail_is_invisible(bidirectional):
     u2 = u.clone()
     u2[1, 7:] = 100.0
     torch.testing.assert_close(m(u2, mask)[1, :7], out[1, :7])
+    u3 = u.clone().requires_grad_()
+    with torch.no_grad():
+        u3[1, 7:] = float("nan")
+    out3 = m(u3, mask)
+    assert torch.isfinite(out3).all()
+    torch.testing.assert_close(out3[1, :7], out[1, :7])
+    out3[1, :7].pow(2).sum().backward()
+    alone = u[1:, :7].clone().requires_grad_()
+    m(alone)[0].pow(2).sum().backward()
+    torch.testing.assert_close(u3.grad[1, :7], alone.grad[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(u3.grad[1, 7:], torch.zeros(5, 8)) and torch.equal(u3.grad[0], torch.zeros(12, 8))
+
+
+def test_reversal_index_reverses_each_real_prefix():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    index = reversal_index(mask, 3, 5, mask.device)
+    assert index.tolist() == [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
+    assert torch.equal(index.gather(1, index), torch.arange(5).expand(3, 5))  # its own inverse
+    assert reversal_index(None, 2, 4, mask.device).tolist() == [[3, 2, 1, 0]] * 2
+
+
+def test_mask_must_put_real_tokens_first():
+    m = BiMamba(8, d_state=4)
+    mask = torch.tensor([[1, 1, 0, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"real tokens \(True\) before the padding, rows \[0\]"):
+        m(torch.randn(1, 4, 8), mask)
+
+
+def _inner_standin(xz, conv_w, conv_b, x_proj_w, dt_proj_w, out_proj_w, out_proj_b, A, B=None, C=None, D=None,
+                   delta_bias=None, B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
+    """mamba_inner_fn's documented semantics, from this library's reference ops (for the call plumbing)."""
+    assert B is None and C is None and B_proj_bias is None and C_proj_bias is None
+    assert conv_w.dim() == 3 and xz.shape[1] == 2 * conv_w.shape[0] and A.dtype == torch.float32
+    x, z = xz.chunk(2, dim=1)
+    x = causal_conv1d_ref(x, conv_w[:, 0], conv_b, "silu")
+    x_dbl = torch.einsum("rd,bdl->brl", x_proj_w, x)
+    n = A.shape[1]
+    dt, b, c = torch.split(x_dbl, [x_dbl.shape[1] - 2 * n, n, n], dim=1)
+    delta = torch.einsum("dr,brl->bdl", dt_proj_w, dt)
+    y = selective_scan_ref(x, delta, A, b, c, D, z, delta_bias, delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_w, out_proj_b)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_fused_inner_path_matches_the_separate_ops(bidirectional, with_positions):
+    """The mamba_inner_fn path (run here with a stand-in that follows its documented signature) gives the
+    output and gradients of the separate ops, with padding and positions."""
+    g = torch.Generator().manual_seed(8)
+    m = BiMamba(16, d_state=4, d_conv=3, bidirectional=bidirectional, scan_backend="torch", conv_backend="torch")
+    _randomise(m, g)
+    u = torch.randn(2, 10, 16, generator=g)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[0, 6:] = False
+    positions = torch.tensor([[0, 5, 3], [9, 1, 2]]) if with_positions else None
+    x = torch.where(mask[..., None], u, torch.zeros(()))
+    back = reversal_index(mask, 2, 10, u.device) if bidirectional else None
+    assert m._fused_inner(u) is None  # CPU tensors never take it
+    fused = m._forward_fused(_inner_standin, x, back, positions)
+    ref = m(u, mask, positions)
+    real = torch.ones_like(ref[..., 0], dtype=torch.bool) if with_positions else mask
+    torch.testing.assert_close(fused[real], ref[real], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(fused[real].sum(), list(m.parameters()), allow_unused=True)
+    grads_ref = torch.autograd.grad(ref[real].sum(), list(m.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(m.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bad_positions():
