@@ -13,6 +13,11 @@ import torch
 __all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask", "check_positions", "check_prefix_mask"]
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def check_tensor(name: str, x: object, ndim: int, expected: str) -> torch.Tensor:
     """Check that `x` is a floating tensor of rank `ndim`; `expected` is the shape in words."""
     if not isinstance(x, torch.Tensor):
@@ -62,7 +67,7 @@ def check_frame_mask(frame_mask: Optional[torch.Tensor], batch: int, frames: int
         )
     mask = frame_mask.bool() if frame_mask.dtype != torch.bool else frame_mask
     empty = ~mask.any(dim=1)
-    if bool(empty.any()):
+    if not _compiling() and bool(empty.any()):  # a value check: eager only (no host sync in a graph)
         idx = empty.nonzero().flatten().tolist()
         raise ValueError(f"frame_mask marks no real frame for video(s) {idx}; every video needs >= 1 frame")
     return mask
@@ -71,24 +76,20 @@ def check_frame_mask(frame_mask: Optional[torch.Tensor], batch: int, frames: int
 def check_positions(positions: object, batch: int, length: int) -> torch.Tensor:
     """Validate `(B, P)` integer row indices into a length-`length` sequence; returns them as int64.
 
-    The range of the values is checked for CPU tensors only: on an accelerator, reading min/max would
-    stall the host on every call (an out-of-range index there fails inside `gather` instead)."""
+    The range of the values is checked for CPU tensors outside `torch.compile` only: on an accelerator,
+    reading min/max would stall the host on every call (an out-of-range index there fails inside
+    `gather` instead)."""
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be a torch.Tensor of shape (B, P), got {type(positions).__name__}")
     if positions.ndim != 2 or positions.shape[0] != batch:
         raise ValueError(f"positions must have shape (B, P) with B = {batch}, got shape {tuple(positions.shape)}")
     if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
         raise TypeError(f"positions must be an integer tensor, got dtype {positions.dtype}")
-    if positions.device.type == "cpu" and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
+    if positions.device.type == "cpu" and not _compiling() and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
         raise ValueError(
             f"positions must index rows in [0, {length}), got values in [{int(positions.min())}, {int(positions.max())}]"
         )
     return positions.long()
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def check_prefix_mask(mask: object, shape: Sequence[int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._validate import check_choice, check_frame_mask, check_tensor
+from ._validate import _compiling, check_choice, check_frame_mask, check_tensor
 from .config import AGGREGATIONS
 
 __all__ = ["AggregatedSequence", "ScaleAggregator"]
@@ -86,7 +86,7 @@ class ScaleAggregator(nn.Module):
                     f"levels[{k}] must have shape (B, T, S_k, C) = ({b}, {t}, S_k, {c}), got {tuple(level.shape)}"
                 )
         mask = check_frame_mask(frame_mask, b, t)
-        if mask is not None and bool(mask.all()):
+        if mask is not None and not _compiling() and bool(mask.all()):  # eager only: a host sync
             mask = None
 
         if self.mode == "scale_wise":

@@ -21,6 +21,7 @@ from ._validate import check_choice, check_positions, check_tensor
 from .config import MIXERS
 from .mamba import BiMamba
 from .ops._cpu_kernel import compiled_dropout, compiled_usable
+from .ops._dispatch import is_compiling
 
 __all__ = ["AttentionMixer", "MaskDropout", "ResMambaBlock"]
 
@@ -42,7 +43,7 @@ class MaskDropout(nn.Dropout):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         if self.p == 1.0:
             return x * zero
-        if x.dtype == torch.float32 and compiled_usable(x.device, x.dtype):
+        if x.dtype == torch.float32 and not is_compiling() and compiled_usable(x.device, x.dtype):
             return compiled_dropout(x, self.p)
         keep = torch.rand(x.shape, device=x.device) >= self.p
         return torch.where(keep, x * (1.0 / (1.0 - self.p)), zero)

@@ -226,7 +226,7 @@ class MUSEHead(nn.Module):
         return torch.where(frame_mask.bool()[..., None], frames, torch.zeros((), dtype=frames.dtype, device=frames.device))
 
     def _log_backend(self, tokens: torch.Tensor) -> None:
-        if self._backend_logged:
+        if self._backend_logged or torch.compiler.is_compiling():
             return
         self._backend_logged = True
         mixer = self._config.mixer

@@ -42,7 +42,7 @@ from torch import nn
 
 from ._validate import check_positions, check_prefix_mask, check_tensor
 from .ops import causal_conv1d, conv_backend, scan_backend, selective_scan
-from .ops._dispatch import INNER_KERNEL, probe_cuda_kernel
+from .ops._dispatch import INNER_KERNEL, is_compiling, probe_cuda_kernel
 from .ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
 
 __all__ = ["BiMamba", "reversal_index"]
@@ -68,6 +68,12 @@ def _plain_linear(module: nn.Module) -> bool:
     """True for an `nn.Linear` itself with no hooks: its weight may be used directly, in another layout.
     A subclass, a wrapper (LoRA & co.) or a hooked Linear is called as a module instead."""
     return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _channel_major(module: nn.Module) -> bool:
+    """Use the layout-changing maps of `ops/channel_linear.py` for `module` (a plain Linear, outside
+    `torch.compile`, which fuses the transposes itself)."""
+    return _plain_linear(module) and not is_compiling()
 
 
 def _a_log(suffix: str) -> str:
@@ -182,13 +188,13 @@ class BiMamba(nn.Module):
         )
         x_proj: nn.Linear = getattr(self, f"x_proj{s}")
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        if _plain_linear(x_proj):  # dt, B, C come out time-last, as the scan reads them
+        if _channel_major(x_proj):  # dt, B, C come out time-last, as the scan reads them
             x_dbl = channels_linear(x, x_proj.weight, x_proj.bias)  # (B, R + 2N, L)
         else:
             x_dbl = rearrange(x_proj(rearrange(x, "b d l -> b l d")), "b l r -> b r l")
         dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         b_ssm, c_ssm = b_ssm.contiguous(), c_ssm.contiguous()  # (B, N, L) each, small; kernels want them dense
-        if _plain_linear(dt_proj):  # the bias is left to the scan, which fuses it with the softplus
+        if _channel_major(dt_proj):  # the bias is left to the scan, which fuses it with the softplus
             delta, bias = channels_linear(dt, dt_proj.weight), dt_proj.bias  # (B, D, L)
         else:  # the module's own forward, bias included
             delta, bias = rearrange(dt_proj(rearrange(dt, "b r l -> b l r")), "b l d -> b d l").contiguous(), None
@@ -266,7 +272,7 @@ class BiMamba(nn.Module):
         # in_proj writes x and z as contiguous channel-major (B, D, L) maps, which the conv and the scan
         # read without transposing; out_proj maps the (B, D, L) result straight back to contiguous
         # (B, L, C) tokens (see `ops/channel_linear.py`). Wrapped or hooked projections run as modules.
-        if _plain_linear(self.in_proj):
+        if _channel_major(self.in_proj):
             (w_x, w_z), bias = self.in_proj.weight.chunk(2), self.in_proj.bias
             b_x, b_z = (None, None) if bias is None else bias.chunk(2)
             rows = x if positions is None else x.gather(1, repeat(positions, "b p -> b p c", c=x.shape[-1]))
@@ -288,7 +294,7 @@ class BiMamba(nn.Module):
                 rows_b = repeat(back.gather(1, positions), "b p -> b d p", d=self.d_inner)
                 y = y + self._direction(xs.gather(2, back_d), None, "_b").gather(2, rows_b)
             y = y * F.silu(zs.to(y.dtype))
-        if _plain_linear(self.out_proj):
+        if _channel_major(self.out_proj):
             return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 

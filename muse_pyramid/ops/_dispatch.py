@@ -19,7 +19,7 @@ import torch
 
 __all__ = [
     "AUTO", "SCAN_KERNEL", "CONV_KERNEL", "INNER_KERNEL", "requested_backend", "check_cuda_usable",
-    "probe_cuda_kernel", "warn_cuda_fallback", "is_compiling", "as_device",
+    "probe_cuda_kernel", "warn_cuda_fallback", "is_compiling", "constant_under_compile", "as_device",
 ]
 
 _logger = logging.getLogger("muse_pyramid.ops")
@@ -44,6 +44,14 @@ def is_compiling() -> bool:
     """True while ``torch.compile`` traces (then the ctypes kernels and host syncs are avoided)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def constant_under_compile(fn):
+    """Let ``torch.compile`` run ``fn`` once while tracing and keep its result as a constant (for the
+    backend choice: environment, imports and probes are not traceable, and do not change)."""
+    compiler = getattr(torch, "compiler", None)
+    wrap = getattr(compiler, "assume_constant_result", None)
+    return fn if wrap is None else wrap(fn)
 
 
 @functools.cache

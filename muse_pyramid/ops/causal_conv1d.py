@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
 from ._dispatch import (
     AUTO, CONV_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
-    warn_cuda_fallback,
+    constant_under_compile, warn_cuda_fallback,
 )
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
@@ -103,7 +103,11 @@ def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.to(dtype_in)
 
 
-def _resolve(device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
+@constant_under_compile
+def _resolve(
+    device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32, compiling: bool = False
+) -> str:
+    """Backend name for this call (see ``selective_scan._resolve``; "torch" on the CPU while compiling)."""
     name = requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
     cuda_fn, reason = probe_cuda_kernel(*CONV_KERNEL)
     if name == AUTO:
@@ -112,7 +116,7 @@ def _resolve(device: torch.device, width: int, backend: str | None, dtype: torch
                 return "cuda"
             if cuda_fn is None:
                 warn_cuda_fallback("causal_conv1d", reason)
-        return "compiled" if compiled_usable(device, dtype) and not is_compiling() else "torch"
+        return "compiled" if compiled_usable(device, dtype) and not compiling else "torch"
     if name == "compiled":
         check_compiled_usable(device, dtype, "causal_conv1d")
     if name == "cuda":
@@ -138,7 +142,7 @@ def conv_backend(
         One of :data:`CONV_BACKENDS`. Raises RuntimeError when a forced backend is unusable.
     """
     dtype = tensor_or_device.dtype if isinstance(tensor_or_device, torch.Tensor) else torch.float32
-    return _resolve(as_device(tensor_or_device), width, backend, dtype)
+    return _resolve(as_device(tensor_or_device), width, backend, dtype, is_compiling())
 
 
 def causal_conv1d(
@@ -163,7 +167,7 @@ def causal_conv1d(
         ``(batch, dim, L)`` in x's dtype.
     """
     _check_inputs(x, weight, bias, activation)
-    name = _resolve(x.device, weight.shape[1], backend, x.dtype)
+    name = _resolve(x.device, weight.shape[1], backend, x.dtype, is_compiling())
     if name == "cuda":
         fn, _ = probe_cuda_kernel(*CONV_KERNEL)
         return fn(x, weight, bias, activation=activation)

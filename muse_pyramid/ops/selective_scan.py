@@ -32,7 +32,7 @@ from ._chunked_scan import chunked_scan
 from ._cpu_kernel import check_compiled_usable, compiled_scan, compiled_usable
 from ._dispatch import (
     AUTO, SCAN_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
-    warn_cuda_fallback,
+    constant_under_compile, warn_cuda_fallback,
 )
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
@@ -207,8 +207,12 @@ def selective_scan_ref(
 # dispatch
 
 
-def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> str:
-    """Name of the backend that runs tensors of ``device``/``dtype``; raises when forced and unusable."""
+@constant_under_compile
+def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None, compiling: bool = False) -> str:
+    """Name of the backend that runs tensors of ``device``/``dtype``; raises when forced and unusable.
+
+    While ``torch.compile`` traces (``compiling``), the automatic choice on the CPU is "torch": the
+    compiled C kernel is called through ctypes, which tracing cannot see into."""
     name = requested_backend(backend, SCAN_BACKENDS, SCAN_BACKEND_ENV, "selective_scan")
     cuda_fn, reason = probe_cuda_kernel(*SCAN_KERNEL)
     if name == AUTO:
@@ -216,7 +220,7 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None) -> s
             if cuda_fn is not None:
                 return "cuda"
             warn_cuda_fallback("selective_scan", reason)
-        return "compiled" if compiled_usable(device, dtype) and not is_compiling() else "torch"
+        return "compiled" if compiled_usable(device, dtype) and not compiling else "torch"
     if name == "cuda":
         check_cuda_usable(cuda_fn, reason, device, "selective_scan")
     if name == "compiled":
@@ -236,7 +240,7 @@ def scan_backend(tensor_or_device: Union[torch.Tensor, torch.device, str], backe
     """
     device = as_device(tensor_or_device)
     dtype = tensor_or_device.dtype if isinstance(tensor_or_device, torch.Tensor) else torch.float32
-    return _resolve(device, dtype, backend)
+    return _resolve(device, dtype, backend, is_compiling())
 
 
 def selective_scan(
@@ -275,7 +279,7 @@ def selective_scan(
         ``out (batch, dim, L)`` in u's dtype, or ``(out, last_state (batch, dim, N))``.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = _resolve(u.device, u.dtype, backend)
+    name = _resolve(u.device, u.dtype, backend, is_compiling())
     if name == "cuda":
         fn, _ = probe_cuda_kernel(*SCAN_KERNEL)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
