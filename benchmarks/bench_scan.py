@@ -12,6 +12,12 @@ Compares, at batch=8, dim=512, N=16 (MUSE's mixer width) and L in {256, 1024, 30
   (b) every ``muse_pyramid.ops.selective_scan`` backend available on the device;
   (c) mamba_ssm's CUDA kernel when importable (``--device cuda``).
 
+The script also counts the ATen ops that one ``torch``-backend forward+backward dispatches (batch 2,
+dim 64, N 16, L 3,060, with z, D and delta_softplus; ``--ops_length`` changes L), with a
+``TorchDispatchMode``: on a GPU each is a kernel launch. The portable scan is a ``torch.library``
+custom op, which hides its inner ops from dispatch modes, so the count runs its autograd.Function
+twin (the same ATen ops).
+
 Times are medians of ``--repeats`` runs after ``--warmup`` runs. Peak extra memory is the peak,
 over the call, of the bytes held by tensors allocated during the call (inputs excluded; saved
 activations, workspaces and gradients included): on the CPU from the allocation events of
@@ -25,19 +31,23 @@ it is counted too), on CUDA from ``torch.cuda.max_memory_allocated``.
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
 from muse_pyramid.ops import SCAN_BACKENDS, scan_backend, selective_scan, selective_scan_ref  # noqa: E402
+from muse_pyramid.ops import _chunked_scan  # noqa: E402
 
 PLAIN = ("plain", "plain_1t", "plain_pre")
 MEASURES = ("fwd_s", "fwdbwd_s", "fwd_peak_mib", "fwdbwd_peak_mib")
@@ -57,6 +67,28 @@ def plain_precomputed(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         ys.append((h * C_t[:, None, :]).sum(-1))
     y = torch.stack(ys, dim=-1) + u * D[:, None]
     return y * F.silu(z)
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts every ATen op dispatched while active, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_torch_ops(length, device, batch=2, dim=64, n_state=16):
+    """ATen ops of one torch-backend selective_scan forward+backward (z, D, delta_bias, softplus on)."""
+    inputs = make_inputs(batch, dim, length, n_state, device)
+    with mock.patch.object(_chunked_scan, "_run", _chunked_scan._run_function), _CountOps() as counter:
+        selective_scan(**inputs, delta_softplus=True, backend="torch").sum().backward()
+    total = sum(counter.counts.values())
+    return {"batch": batch, "dim": dim, "N": n_state, "L": length, "aten_ops": total,
+            "top": dict(counter.counts.most_common(8))}
 
 
 def make_inputs(batch, dim, length, n_state, device, seed=0):
@@ -187,6 +219,7 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=None, help="only these (plain, plain_pre, torch, compiled, mamba_ssm)"
     )
+    parser.add_argument("--ops_length", type=int, default=3060, help="L of the ATen op count")
     args = parser.parse_args()
     _common.configure_torch(args.threads)
     device = torch.device(args.device)
@@ -201,6 +234,8 @@ def main() -> None:
         f"selective scan, batch={args.batch} dim={args.dim} N={args.state} on {machine['cpu']}, "
         f"{machine['torch_threads']} threads, load {machine['load_average_before']}"
     )
+    op_count = count_torch_ops(args.ops_length, device)
+    print(f"ATen ops, torch backend fwd+bwd at batch 2, dim 64, N 16, L {args.ops_length}: {op_count['aten_ops']}")
     rows = []
     for length in args.lengths:
         for method in methods_for(device, length, args.plain_max_length, args.plain_pre_max_length):
@@ -247,6 +282,7 @@ def main() -> None:
         "settings": settings,
         "rows": rows,
         "ratios_best_plain_over_method": ratios,
+        "torch_backend_aten_ops": op_count,
     }
     print(f"\nwrote {_common.write_outputs(args.out, payload, table)}")
 

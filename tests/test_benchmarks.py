@@ -128,3 +128,32 @@ def test_markdown_table_marks_missing_values():
     common = _load_common()
     text = common.markdown_table([{"a": 1234, "b": 0.000123}, {"a": 2}], [("A", "a"), ("B", "b")])
     assert text.splitlines() == ["| A | B |", "|---|---|", "| 1,234 | 0.000123 |", "| 2 | - |"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """`gpu_check.py --device cpu --small` runs every part (parity, head cost, training step) and the
+    parities hold on the CPU, where the automatic kernels and the portable path agree to fp32 precision."""
+    pytest.importorskip("open_clip")
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--device", "cpu", "--small", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    _check_machine(payload["machine"])
+    assert payload["mamba_ssm_fused_path"] is False
+    parity = payload["parity"]
+    assert sorted((r["module"], r["dtype"]) for r in parity) == sorted(
+        (m, d) for m in ("BiMamba", "MUSEHead") for d in ("fp32", "bf16 autocast")
+    )
+    for r in parity:
+        limit = 1e-4 if r["dtype"] == "fp32" else 0.1
+        for key in ("kernels_vs_portable", "kernels_vs_cpu_fp32", "portable_vs_cpu_fp32"):
+            assert r[key]["worst"] <= limit, (r["module"], r["dtype"], key, r[key])
+    heads = payload["head"]
+    assert {r["head"] for r in heads} == {"bimamba kernels", "bimamba portable", "attention (SDPA)"}
+    assert all(r["fwdbwd_s"] > 0 and r["peak_mib"] >= 0 for r in heads), heads
+    assert [r["head"] for r in payload["step"]] == ["meanP", "MUSE"]
+    assert all(r["step_s"] > 0 for r in payload["step"]), payload["step"]
