@@ -46,8 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-from muse_pyramid.ops import SCAN_BACKENDS, scan_backend, selective_scan, selective_scan_ref  # noqa: E402
-from muse_pyramid.ops import _chunked_scan  # noqa: E402
+from muse_pyramid.ops import (  # noqa: E402
+    SCAN_BACKENDS,
+    _chunked_scan,  # noqa: E402
+    scan_backend,
+    selective_scan,
+    selective_scan_ref,
+)
 
 PLAIN = ("plain", "plain_1t", "plain_pre")
 MEASURES = ("fwd_s", "fwdbwd_s", "fwd_peak_mib", "fwdbwd_peak_mib")

@@ -83,9 +83,11 @@ def _chunk_ends(a, x) -> torch.Tensor:
 
 
 def _block_states(d, a, x, A_g, h0):
-    """States of one block, written over x; returns (chunk start states (K, ...), h at the block end).
+    """States of one block, written over x.
 
     d: (T, K, batch, G, H); a, x: (T, K, batch, G, H, N); h0: (batch, G, H, N) state before the block.
+    Returns the chunk start states (K, batch, G, H, N), the state at the block end (batch, G, H, N) and
+    each chunk's total decay (K, batch, G, H, N).
     """
     ends = _chunk_ends(a, x)
     decay = torch.mul(d.sum(0)[..., None], A_g).exp_()  # P_k = prod of a over chunk k, (K, ...)
@@ -100,64 +102,59 @@ def _block_states(d, a, x, A_g, h0):
     return starts_t, last, decay
 
 
-def _time_major(t, groups, chunk, per_block, pad):
-    """(batch, dim, L) -> (J, T, K, batch, G, H), padded at the end with `pad` zero steps."""
-    t = F.pad(t, (0, pad)) if pad else t
-    return rearrange(t, "b (g h) (j k t) -> j t k b g h", g=groups, k=per_block, t=chunk).contiguous()
+_CHANNELS = "b (g h) (k t) -> t k b g h"
+_GROUPS = "b g n (k t) -> t k b g n"
 
 
-def _layouts(u, delta, B, C, chunk, per_block):
-    """Pad to whole blocks and lay out time-major per block: u, delta (J, T, K, batch, G, H),
-    B, C (J, T, K, batch, G, N)."""
-    groups = B.shape[1]
-    pad = -u.shape[-1] % (chunk * per_block)
-    u_r, d_r = (_time_major(t, groups, chunk, per_block, pad) for t in (u, delta))
-    B_r, C_r = (
-        rearrange(F.pad(t, (0, pad)) if pad else t, "b g n (j k t) -> j t k b g n", k=per_block, t=chunk).contiguous()
-        for t in (B, C)
-    )
-    return u_r, d_r, B_r, C_r
+def _block(tensor, j, steps, spec, **sizes):
+    """Block j of a time-last tensor, time-major: (batch, dim, L) -> (T, K, batch, G, H) with
+    `_CHANNELS`, (batch, G, N, L) -> (T, K, batch, G, N) with `_GROUPS`; zero-padded to whole steps."""
+    piece = tensor[..., j * steps : (j + 1) * steps]
+    if piece.shape[-1] < steps:
+        piece = F.pad(piece, (0, steps - piece.shape[-1]))
+    return rearrange(piece, spec, **sizes).contiguous()
 
 
-def _from_time_major(t, length, spec="j t k b g h -> b (g h) (j k t)"):
-    """Inverse of the block layout, padding dropped, contiguous."""
-    return rearrange(t, spec)[..., :length].contiguous()
+def _unblock(out, j, steps, value, spec):
+    """Write a time-major block back into the time-last `out` at block j (padding dropped)."""
+    t0 = j * steps
+    valid = min(steps, out.shape[-1] - t0)
+    out[..., t0 : t0 + valid] = rearrange(value, spec)[..., :valid]
 
 
 def _scan_forward(u, delta, A, B, C, chunk, per_block):
     """y (batch, dim, L), last state (batch, dim, N), block start states (J, batch, G, H, N)."""
-    groups = B.shape[1]
-    u_r, d_r, B_r, C_r = _layouts(u, delta, B, C, chunk, per_block)
+    groups, steps = B.shape[1], chunk * per_block
+    sizes = {"g": groups, "t": chunk}
     A_g = rearrange(A, "(g h) n -> g h n", g=groups)
-    h = u.new_zeros(*u_r.shape[3:], A.shape[-1])
-    block_starts, ys = [], []
-    for d, uu, B_j, C_j in zip(d_r.unbind(0), u_r.unbind(0), B_r.unbind(0), C_r.unbind(0)):
+    h = u.new_zeros(u.shape[0], groups, u.shape[1] // groups, A.shape[-1])
+    y = torch.empty_like(u)
+    block_starts = []
+    for j in range(-(-u.shape[-1] // steps)):
         block_starts.append(h)
-        a, x = _terms(d, d * uu, A_g, B_j)
+        d = _block(delta, j, steps, _CHANNELS, **sizes)
+        a, x = _terms(d, d * _block(u, j, steps, _CHANNELS, **sizes), A_g, _block(B, j, steps, _GROUPS, t=chunk))
         _, h, _ = _block_states(d, a, x, A_g, h)
-        ys.append(_contract_n(x, C_j))
-    y = _from_time_major(torch.stack(ys), u.shape[-1])
+        _unblock(y, j, steps, _contract_n(x, _block(C, j, steps, _GROUPS, t=chunk)), "t k b g h -> b (g h) (k t)")
     return y, rearrange(h, "b g h n -> b (g h) n").clone(), torch.stack(block_starts)
 
 
 def _scan_backward(u, delta, A, B, C, block_starts, dy, dlast, chunk, per_block):
     """Gradients (du, ddelta, dA, dB, dC) of the recurrence; dy (batch, dim, L) and dlast (batch, dim, N)
     may be None (no gradient)."""
-    groups, length = B.shape[1], u.shape[-1]
-    u_r, d_r, B_r, C_r = _layouts(u, delta, B, C, chunk, per_block)
-    dy_r = (
-        torch.zeros_like(u_r) if dy is None
-        else _time_major(dy.to(u.dtype), groups, chunk, per_block, -length % (chunk * per_block))
-    )
+    groups, steps = B.shape[1], chunk * per_block
+    sizes = {"g": groups, "t": chunk}
     A_g = rearrange(A, "(g h) n -> g h n", g=groups)
+    dy = torch.zeros_like(u) if dy is None else dy.to(u.dtype)
     carry = (
         torch.zeros_like(block_starts[0]) if dlast is None
         else rearrange(dlast.to(u.dtype), "b (g h) n -> b g h n", g=groups)
     )  # dL/dh at the end of the current block, from everything after it
-    du_r, dd_r, dB_r, dC_r = (torch.empty_like(t) for t in (u_r, d_r, B_r, C_r))
+    du_out, dd_out, dB_out, dC_out = (torch.empty_like(t) for t in (u, delta, B, C))
     dA_g = torch.zeros_like(A_g)
-    for j in reversed(range(u_r.shape[0])):
-        d, uu, B_j, C_j, dy_j = d_r[j], u_r[j], B_r[j], C_r[j], dy_r[j]
+    for j in reversed(range(block_starts.shape[0])):
+        d, uu, dy_j = (_block(v, j, steps, _CHANNELS, **sizes) for v in (delta, u, dy))
+        B_j, C_j = (_block(v, j, steps, _GROUPS, t=chunk) for v in (B, C))
         du = d * uu
         a, h = _terms(d, du, A_g, B_j)
         starts, _, decay = _block_states(d, a, h, A_g, block_starts[j])  # h: the block's states
@@ -176,24 +173,17 @@ def _scan_backward(u, delta, A, B, C, block_starts, dy, dlast, chunk, per_block)
         nxt = g_s[-1].add_(torch.stack(carries[::-1]))
         for t in range(len(g_s) - 2, -1, -1):
             nxt = torch.addcmul(g_s[t], a_s[t + 1], nxt, out=g_s[t])
-        dC_r[j] = _outer_sum_h(dy_j, h)
-        dB_r[j] = _outer_sum_h(du, g)
         g_b = _contract_n(g, B_j)  # dL/d(delta u)
-        du_r[j] = g_b * d
+        _unblock(dC_out, j, steps, _outer_sum_h(dy_j, h), "t k b g n -> b g n (k t)")
+        _unblock(dB_out, j, steps, _outer_sum_h(du, g), "t k b g n -> b g n (k t)")
+        _unblock(du_out, j, steps, g_b * d, "t k b g h -> b (g h) (k t)")
         # w = dL/d(delta A) = g_t a_t h_{t-1}; the h_{t-1} of a chunk's first step is its start state
         w = g.mul_(a)
         w[1:].mul_(h[:-1])
         w[0].mul_(starts)
-        dd_r[j] = torch.addcmul((w * A_g).sum(-1), g_b, uu)
+        _unblock(dd_out, j, steps, torch.addcmul((w * A_g).sum(-1), g_b, uu), "t k b g h -> b (g h) (k t)")
         dA_g += w.mul_(d[..., None]).sum((0, 1, 2))
-    bc_spec = "j t k b g n -> b g n (j k t)"
-    return (
-        _from_time_major(du_r, length),
-        _from_time_major(dd_r, length),
-        rearrange(dA_g, "g h n -> (g h) n"),
-        _from_time_major(dB_r, length, bc_spec),
-        _from_time_major(dC_r, length, bc_spec),
-    )
+    return du_out, dd_out, rearrange(dA_g, "g h n -> (g h) n"), dB_out, dC_out
 
 
 def _output_shapes(u, A, B, chunk, per_block):

@@ -20,8 +20,15 @@ import torch.nn.functional as F
 
 from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
 from ._dispatch import (
-    AUTO, CONV_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
-    constant_under_compile, warn_cuda_fallback,
+    AUTO,
+    CONV_KERNEL,
+    as_device,
+    check_cuda_usable,
+    constant_under_compile,
+    is_compiling,
+    probe_cuda_kernel,
+    requested_backend,
+    warn_cuda_fallback,
 )
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]

@@ -31,8 +31,15 @@ from einops import rearrange
 from ._chunked_scan import chunked_scan
 from ._cpu_kernel import check_compiled_usable, compiled_scan, compiled_usable
 from ._dispatch import (
-    AUTO, SCAN_KERNEL, as_device, check_cuda_usable, is_compiling, probe_cuda_kernel, requested_backend,
-    constant_under_compile, warn_cuda_fallback,
+    AUTO,
+    SCAN_KERNEL,
+    as_device,
+    check_cuda_usable,
+    constant_under_compile,
+    is_compiling,
+    probe_cuda_kernel,
+    requested_backend,
+    warn_cuda_fallback,
 )
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
