@@ -41,9 +41,9 @@ from einops import rearrange
 
 __all__ = ["chunked_scan", "block_plan", "BLOCK_ELEMENTS"]
 
-# Elements of one (T, K, batch, G, H, N) block tensor: 2M (8 MiB in fp32). Large enough that one op
-# fills a GPU, small enough that a block's few tensors stay near the CPU's caches.
-BLOCK_ELEMENTS = 2**21
+# Elements of one (T, K, batch, G, H, N) block tensor: 4M (16 MiB in fp32). Large enough that one op
+# fills a GPU and that short or narrow scans take few blocks; a block's workspace is a few such tensors.
+BLOCK_ELEMENTS = 2**22
 
 
 def block_plan(length: int, row_elements: int) -> Tuple[int, int]:
