@@ -307,7 +307,7 @@ class BiMamba(nn.Module):
 
         x: `(B, L, C)` (padding zeroed); back: `(B, L)` reversal index or None; positions: `(B, P)` or None.
         """
-        xz = rearrange(F.linear(x, self.in_proj.weight), "b l d -> b d l")  # (B, 2D, L)
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2D, L), time contiguous
         out = inner(xz, *self._inner_args(""), delta_softplus=True)  # (B, L, C)
         if self.bidirectional:
             rev = repeat(back, "b l -> b l c", c=x.shape[-1])

@@ -18,18 +18,9 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from . import _dispatch
 from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
-from ._dispatch import (
-    AUTO,
-    CONV_KERNEL,
-    as_device,
-    check_cuda_usable,
-    constant_under_compile,
-    is_compiling,
-    probe_cuda_kernel,
-    requested_backend,
-    warn_cuda_fallback,
-)
+from ._dispatch import AUTO, CONV_KERNEL, as_device, is_compiling, probe_cuda_kernel
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
 
@@ -110,24 +101,24 @@ def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out.to(dtype_in)
 
 
-@constant_under_compile
+@_dispatch.constant_under_compile
 def _resolve(
     device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32, compiling: bool = False
 ) -> str:
     """Backend name for this call (see ``selective_scan._resolve``; "torch" on the CPU while compiling)."""
-    name = requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
+    name = _dispatch.requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
     cuda_fn, reason = probe_cuda_kernel(*CONV_KERNEL)
     if name == AUTO:
         if device.type == "cuda":
             if cuda_fn is not None and width in _CUDA_WIDTHS:
                 return "cuda"
             if cuda_fn is None:
-                warn_cuda_fallback("causal_conv1d", reason)
+                _dispatch.warn_cuda_fallback("causal_conv1d", reason)
         return "compiled" if compiled_usable(device, dtype) and not compiling else "torch"
     if name == "compiled":
         check_compiled_usable(device, dtype, "causal_conv1d")
     if name == "cuda":
-        check_cuda_usable(cuda_fn, reason, device, "causal_conv1d")
+        _dispatch.check_cuda_usable(cuda_fn, reason, device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:
             raise RuntimeError(
                 f"causal_conv1d backend 'cuda' supports width in {_CUDA_WIDTHS}, got width {width}"
