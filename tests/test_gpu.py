@@ -56,7 +56,7 @@ def _forward_backward(model, x, mask, device, bf16):
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device)
     out.float().backward(grad)
     grads = [x.grad] + [p.grad for p in model.parameters()]
-    return out.float()[mask.to(device)].cpu(), [g.float().cpu() for g in grads]
+    return out.detach().float()[mask.to(device)].cpu(), [g.float().cpu() for g in grads]
 
 
 def _close(a, b, rel):

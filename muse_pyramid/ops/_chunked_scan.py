@@ -128,7 +128,7 @@ def _scan_forward(u, delta, A, B, C, chunk, per_block):
     sizes = {"g": groups, "t": chunk}
     A_g = rearrange(A, "(g h) n -> g h n", g=groups)
     h = u.new_zeros(u.shape[0], groups, u.shape[1] // groups, A.shape[-1])
-    y = torch.empty_like(u)
+    y = u.new_empty(u.shape)
     block_starts = []
     for j in range(-(-u.shape[-1] // steps)):
         block_starts.append(h)
@@ -150,8 +150,8 @@ def _scan_backward(u, delta, A, B, C, block_starts, dy, dlast, chunk, per_block)
         torch.zeros_like(block_starts[0]) if dlast is None
         else rearrange(dlast.to(u.dtype), "b (g h) n -> b g h n", g=groups)
     )  # dL/dh at the end of the current block, from everything after it
-    du_out, dd_out, dB_out, dC_out = (torch.empty_like(t) for t in (u, delta, B, C))
-    dA_g = torch.zeros_like(A_g)
+    du_out, dd_out, dB_out, dC_out = (t.new_empty(t.shape) for t in (u, delta, B, C))
+    dA_g = A_g.new_zeros(A_g.shape)
     for j in reversed(range(block_starts.shape[0])):
         d, uu, dy_j = (_block(v, j, steps, _CHANNELS, **sizes) for v in (delta, u, dy))
         B_j, C_j = (_block(v, j, steps, _GROUPS, t=chunk) for v in (B, C))
@@ -240,7 +240,7 @@ if _custom_op is not None and hasattr(torch.library, "register_autograd"):
 
     @_scan_backward_op.register_fake
     def _scan_backward_fake(u, delta, A, B, C, block_starts, dy, dlast, chunk, per_block):  # noqa: ANN001
-        return tuple(torch.empty_like(t) for t in (u, delta, A, B, C))
+        return tuple(t.new_empty(t.shape) for t in (u, delta, A, B, C))
 
     def _setup_context(ctx, inputs, output):  # noqa: ANN001
         u, delta, A, B, C, chunk, per_block = inputs
