@@ -210,24 +210,24 @@ class BiMamba(nn.Module):
         their environment variables), a conv width the kernel supports, and plain bias-free `nn.Linear`
         projections (it reads their weights; `dt_proj`'s bias becomes the scan's delta bias).
         """
-        if x.device.type != "cuda" or not all(
-            _plain_linear(m) for m in (self.in_proj, self.out_proj, *self._modules_named("x_proj", "dt_proj"))
+        if x.device.type != "cuda":
+            return None
+        no_bias = [self.in_proj, self.out_proj, *self._modules_named("x_proj")]  # it takes no bias for these
+        if not all(_plain_linear(m) for m in no_bias + self._modules_named("dt_proj")) or any(
+            m.bias is not None for m in no_bias
         ):
-            return None
-        if self.in_proj.bias is not None or self.out_proj.bias is not None:
-            return None
-        if any(getattr(self, f"x_proj{s}").bias is not None for s in self._suffixes):
             return None
         try:
             if scan_backend(x, self.scan_backend) != "cuda" or conv_backend(x, self.conv_backend, self.d_conv) != "cuda":
                 return None
-        except RuntimeError:
+        except RuntimeError:  # a forced backend that cannot run: the separate ops raise the error
             return None
         fn, _ = probe_cuda_kernel(*INNER_KERNEL)
         return fn
 
-    def _modules_named(self, *prefixes: str) -> list:
-        return [getattr(self, f"{p}{s}") for p in prefixes for s in self._suffixes]
+    def _modules_named(self, prefix: str) -> list:
+        """The submodule `prefix` of each direction, e.g. [dt_proj, dt_proj_b]."""
+        return [getattr(self, f"{prefix}{s}") for s in self._suffixes]
 
     def _inner_args(self, s: str) -> tuple:
         """Positional arguments of `mamba_inner_fn` after `xz`, for direction `s`."""
