@@ -245,3 +245,20 @@ def test_bf16_autocast_matches_fp32_within_bf16_tolerance():
         out = head(x, mask)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=1e-1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mixer", ["bimamba", "mamba"])
+def test_padding_is_exact_on_the_portable_kernels(mode, mixer):
+    """The same exactness on the portable PyTorch scan and conv (what GPUs without mamba-ssm run), with
+    NaN in the padded frames."""
+    torch.manual_seed(0)
+    head = MUSEHead(16, depth=2, aggregation=mode, mixer=mixer, d_state=4, scan_backend="torch", conv_backend="torch")
+    head = _perturb_blocks(head).eval()
+    x = _tokens(2, 4, 4, 4, 16, seed=2)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    x[1, 2:] = float("nan")
+    out = head(x, mask)
+    torch.testing.assert_close(out[1, :2], head(x[1:, :2])[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0], head(x[:1])[0], rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(out[1, 2:]) == 0
