@@ -1,9 +1,11 @@
-"""Samples, frame settings and the torch Dataset shared by the three benchmarks.
+"""Samples, frame settings and the torch Dataset shared by the five benchmarks.
 
-A data set module (``msrvtt``, ``didemo``, ``activitynet``) turns the benchmark files into
-a list of ``Sample`` (``load_split``) and a ``SplitReport`` of what matched on disk
-(``scan``); ``RetrievalDataset`` turns samples into tensors. Tests:
-``tests/examples/test_data_base.py`` and the per-format ``test_data_*.py``.
+A data set module (``msrvtt``, ``didemo``, ``activitynet``, ``msvd``, ``lsmdc``) turns the
+benchmark files into a list of ``Sample`` (``load_split``) and a ``SplitReport`` of what
+matched on disk (``scan``); ``RetrievalDataset`` turns samples into tensors. Readers find
+their annotation files with ``data_file`` and their videos with ``index_by_stem`` /
+``caption_split_report``. Tests: ``tests/examples/test_data_base.py`` and the per-format
+``test_data_*.py``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ __all__ = [
     "RetrievalDataset",
     "Sample",
     "SplitReport",
+    "caption_split_report",
+    "data_file",
     "frame_defaults",
     "group_by_video",
+    "index_by_stem",
     "list_video_files",
 ]
 
@@ -143,6 +148,67 @@ def list_video_files(root: str | Path, extensions: Iterable[str] = VIDEO_EXTENSI
             if Path(name).suffix.lower() in exts:
                 out.append(Path(dirpath) / name)
     return sorted(out)
+
+
+def data_file(data_path: str | Path, name: str | Path) -> Path:
+    """Where annotation file ``name`` of a data set is: an absolute ``name`` as given, a relative one
+    under the annotation folder ``data_path``. Readers resolve every annotation file here."""
+    name = Path(name)
+    return name if name.is_absolute() else Path(data_path) / name
+
+
+def index_by_stem(features_path: str | Path) -> dict[str, list[Path]]:
+    """Every video file under ``features_path`` (recursive) keyed by its name without the last
+    extension (``0001_Movie_00.00.51.926-00.00.54.129.avi`` -> ``0001_Movie_00.00.51.926-00.00.54.129``),
+    files of one stem in sorted order."""
+    out: dict[str, list[Path]] = {}
+    for path in list_video_files(features_path):
+        out.setdefault(path.stem, []).append(path)
+    return out
+
+
+def caption_split_report(
+    dataset: str,
+    split: str,
+    pairs: Sequence[tuple[str, str]],
+    features_path: str | Path,
+    *,
+    unmatched: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> SplitReport:
+    """The report of a split with one sample per ``(video_id, caption)`` pair, videos matched by stem.
+
+    Video ids keep their first-appearance order; the video of an id is the file anywhere under
+    ``features_path`` whose name without its extension is the id (``index_by_stem``; the first in
+    sorted order when several match, noted). A video without a file is listed in ``missing`` and
+    its samples point at ``<features_path>/<id>`` so that ``RetrievalDataset`` reports it.
+    """
+    features_path = Path(features_path)
+    by_stem = index_by_stem(features_path)
+    video_ids = list(dict.fromkeys(v for v, _ in pairs))
+    paths: dict[str, Path] = {}
+    notes = list(notes)
+    for vid in video_ids:
+        hits = by_stem.get(vid)
+        if hits:
+            paths[vid] = hits[0]
+            if len(hits) > 1:
+                notes.append(f"{vid}: {len(hits)} files with this stem, using {hits[0]}")
+    matched_by: dict[str, int] = {}
+    for path in paths.values():
+        matched_by[path.suffix] = matched_by.get(path.suffix, 0) + 1
+    return SplitReport(
+        dataset=dataset,
+        split=split,
+        samples=[Sample(v, paths.get(v, features_path / v), text) for v, text in pairs],
+        n_videos=len(video_ids),
+        n_captions=len(pairs),
+        found=len(paths),
+        missing=[f"{v} (no file {v}.* under {features_path})" for v in video_ids if v not in paths],
+        unmatched=list(unmatched),
+        matched_by=matched_by,
+        notes=notes,
+    )
 
 
 def group_by_video(samples: Sequence[Sample]) -> tuple[list[Sample], Tensor]:

@@ -29,7 +29,7 @@ def validate(
     """Read ``split`` of ``dataset_name`` and report what matches on disk.
 
     Args:
-        dataset_name: a key of ``DATASETS`` (``msrvtt``, ``didemo``, ``activitynet``).
+        dataset_name: a key of ``DATASETS`` (``msrvtt``, ``didemo``, ``activitynet``, ``msvd``, ``lsmdc``).
         data_path, features_path, split, options: as for that data set's ``load_split``.
         decode: also probe every found video (open it, decode its first frame).
         show: print at most this many names per mismatch list (``None``: all of them).
