@@ -51,10 +51,11 @@ def test_each_clip_encoded_once_and_metrics_match_brute_force(data, tmp_path):
     sim = text @ video.t()
     torch.testing.assert_close(result["text"] @ result["video"].t(), sim, rtol=1e-5, atol=1e-5)
     want = compute_metrics(sim, result["gt"])
-    for direction in ("t2v", "v2t"):
+    assert set(result["metrics"]) == {"t2v", "v2t", "v2t_texts"}  # clip 0 has two captions
+    for direction in ("t2v", "v2t", "v2t_texts"):
         for key in ("R@1", "R@5", "MdR", "MnR"):
             assert result["metrics"][direction][key] == pytest.approx(want[direction][key])
-    assert set(result["dsl_metrics"]) == {"t2v", "v2t"}
+    assert set(result["dsl_metrics"]) == {"t2v", "v2t", "v2t_texts"}
     table = results_table(result)
     assert "t2v (DSL)" in table and "\nt2v " in table
 
