@@ -1,4 +1,4 @@
-"""CLIP4Clip + MUSE on DiDeMo: train, evaluate, validate the files, or (`--demo`) run the CPU demo.
+"""CLIP4Clip + MUSE on DiDeMo: train, evaluate, validate the files or build its feature cache.
 
     python examples/clip4clip_didemo.py --help
     torchrun --nproc_per_node 8 examples/clip4clip_didemo.py --do_train --data_path ... --features_path ...
