@@ -29,6 +29,7 @@ __all__ = [
     "Sample",
     "SplitReport",
     "caption_split_report",
+    "check_scan_args",
     "data_file",
     "frame_defaults",
     "group_by_video",
@@ -148,6 +149,19 @@ def list_video_files(root: str | Path, extensions: Iterable[str] = VIDEO_EXTENSI
             if Path(name).suffix.lower() in exts:
                 out.append(Path(dirpath) / name)
     return sorted(out)
+
+
+def check_scan_args(dataset: str, split: str, splits: Iterable[str], options: dict, known: Iterable[str],
+                    features_path: str | Path) -> None:
+    """The checks every ``scan`` starts with: known option names, a known split, an existing video folder."""
+    known, splits = set(known), tuple(splits)
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown {dataset} options {sorted(unknown)}; known: {sorted(known)}")
+    if split not in splits:
+        raise ValueError(f"{dataset} split must be one of {splits}, got {split!r}")
+    if not Path(features_path).is_dir():
+        raise FileNotFoundError(f"{dataset} video folder {features_path} does not exist")
 
 
 def data_file(data_path: str | Path, name: str | Path) -> Path:

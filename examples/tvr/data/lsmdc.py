@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Sample, SplitReport, caption_split_report, data_file, frame_defaults
+from .base import Sample, SplitReport, caption_split_report, check_scan_args, data_file, frame_defaults
 
 __all__ = ["DEFAULTS", "OPTIONS", "FILES", "load_split", "read_annotations", "scan"]
 
@@ -64,13 +64,7 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
 
     Options: the keys of ``DEFAULTS`` are accepted (frame settings; not read here).
     """
-    unknown = set(options) - set(DEFAULTS) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown LSMDC options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    if split not in FILES:
-        raise ValueError(f"LSMDC split must be one of {tuple(FILES)}, got {split!r}")
-    if not Path(features_path).is_dir():
-        raise FileNotFoundError(f"LSMDC video folder {features_path} does not exist")
+    check_scan_args("LSMDC", split, FILES, options, [*DEFAULTS, *OPTIONS], features_path)
     path = data_file(data_path, FILES[split])
     return caption_split_report("lsmdc", split, read_annotations(path), features_path,
                                 notes=[f"{split} reads {path.name}"])

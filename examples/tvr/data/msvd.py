@@ -27,7 +27,7 @@ import io
 import pickle
 from pathlib import Path
 
-from .base import Sample, SplitReport, caption_split_report, data_file, frame_defaults
+from .base import Sample, SplitReport, caption_split_report, check_scan_args, data_file, frame_defaults
 
 __all__ = ["DEFAULTS", "OPTIONS", "CAPTIONS_FILE", "load_split", "read_captions", "scan"]
 
@@ -77,17 +77,11 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
 
     Options: the keys of ``DEFAULTS`` are accepted (frame settings; not read here).
     """
-    unknown = set(options) - set(DEFAULTS) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown MSVD options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    if split not in SPLITS:
-        raise ValueError(f"MSVD split must be one of {SPLITS}, got {split!r}")
+    check_scan_args("MSVD", split, SPLITS, options, [*DEFAULTS, *OPTIONS], features_path)
     list_path = data_file(data_path, f"{split}_list.txt")
     captions_path = data_file(data_path, CAPTIONS_FILE)
     if not list_path.is_file():
         raise FileNotFoundError(f"MSVD split list {list_path} does not exist")
-    if not Path(features_path).is_dir():
-        raise FileNotFoundError(f"MSVD video folder {features_path} does not exist")
     listed = list(dict.fromkeys(line.strip() for line in list_path.read_text(encoding="utf-8").splitlines()))
     listed = [v for v in listed if v]
     captions = read_captions(captions_path)
