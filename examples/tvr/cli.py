@@ -281,7 +281,8 @@ def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.N
                      "cannot be fine-tuned from it")
     from_cache = bool(args.cache_dir) and (args.do_train or args.do_eval)
     if not (args.demo or from_cache) and (not args.data_path or not args.features_path):
-        parser.error("--data_path and --features_path are required (or run --demo, or read a --cache_dir)")
+        parser.error("--data_path and --features_path are required ("
+                     + ("or run --demo, " if dataset == "msrvtt" else "") + "or read a --cache_dir)")
     for name in ("cache_shard_clips", "cache_shard_texts"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
