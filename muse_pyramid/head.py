@@ -244,6 +244,8 @@ class MUSEHead(nn.Module):
         its mask `(B, L)` or None, CLS positions `(B, T)`."""
         check_tensor("tokens", tokens, 4, "(B, T, 1+H*W, C)")
         b, t, p, c = tokens.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"tokens must hold at least one video and one frame (B, T, 1+H*W, C), got shape {tuple(tokens.shape)}")
         if c != self.dim:
             raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
         h, w = infer_grid(p - 1, self.grid)
@@ -324,10 +326,12 @@ def pool_video(frame_features: torch.Tensor, frame_mask: Optional[torch.Tensor] 
         frame_mask: `(B, T)`, 1 on real frames; None = all real.
 
     Returns:
-        `(B, C)` unit-norm video embeddings.
+        `(B, C)` unit-norm video embeddings (`(0, C)` for an empty batch).
     """
     check_tensor("frame_features", frame_features, 3, "(B, T, C)")
     b, t, _ = frame_features.shape
+    if t == 0:
+        raise ValueError(f"frame_features must hold at least one frame per video (B, T, C), got shape {tuple(frame_features.shape)}")
     mask = check_frame_mask(frame_mask, b, t)
     x = F.normalize(frame_features, dim=-1)
     if mask is None:

@@ -283,6 +283,8 @@ def test_logs_backend_once(caplog):
         (torch.randn(1, 2, 17, 16), torch.ones(1, 3), r"frame_mask must have shape \(B, T\) = \(1, 2\), got shape \(1, 3\)"),
         (torch.randn(2, 2, 17, 16), torch.tensor([[1, 1], [0, 0]]), r"no real frame for video\(s\) \[1\]"),
         (torch.randint(0, 3, (1, 2, 17, 16)), None, r"tokens must be a floating-point tensor"),
+        (torch.randn(2, 0, 17, 16), None, r"at least one video and one frame .*got shape \(2, 0, 17, 16\)"),
+        (torch.randn(0, 2, 17, 16), None, r"at least one video and one frame .*got shape \(0, 2, 17, 16\)"),
     ],
 )
 def test_bad_input(tokens, mask, match):
@@ -300,6 +302,12 @@ def test_bad_construction():
         MUSEHead(16, scales=(0.5, 3.0))
     with pytest.raises(ValueError, match=r"depth must be a positive int, got 0"):
         MUSEHead(16, depth=0)
+    for grid in [(-2, -8), (0, 4), (4,), (2.0, 8)]:
+        with pytest.raises(ValueError, match=r"grid must be None or \(H, W\) with two positive ints"):
+            MUSEHead(16, grid=grid)
+    with pytest.raises(ValueError, match=r"at least one frame per video \(B, T, C\), got shape \(2, 0, 16\)"):
+        pool_video(torch.randn(2, 0, 16))
+    assert pool_video(torch.randn(0, 3, 16)).shape == (0, 16)
     with pytest.raises(ValueError, match=r"grid=\(3, 5\) expects 1\+3\*5=16"):
         MUSEHead(16, depth=1, grid=(3, 5))(torch.randn(1, 1, 17, 16))
 
