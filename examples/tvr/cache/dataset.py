@@ -97,7 +97,9 @@ def _split_entry(manifest: Mapping[str, Any], split: str, cache_dir: Path,
                 raise ValueError(f"{where} is damaged: split {split!r} lists the shard {f!r:.80}; rerun the cache "
                                  "command")
             p = cache_dir / split / f["name"]
-            size = p.stat().st_size if p.is_file() else None
+            if not p.is_file():
+                raise FileNotFoundError(f"cache shard {p} is missing; rerun the cache command to repair it")
+            size = p.stat().st_size
             if size != f["bytes"]:
                 raise CacheShardError(f"cache shard {p} is missing or damaged ({size} bytes, manifest says "
                                       f"{f['bytes']}); rerun the cache command to repair it")

@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import struct
 import uuid
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "MANIFEST_NAME", "INDEX_NAME", "CacheMismatchError", "CacheShardError", "shard_name", "write_safetensors",
-           "read_header", "open_memmap", "shard_rows", "write_json_atomic", "read_json", "sha256_file",
+           "read_header", "open_memmap", "remove_stale_temporaries", "shard_rows", "write_json_atomic", "read_json", "sha256_file",
            "settings_diff", "format_diff"]
 
 FORMAT = "muse-pyramid-tvr-cache/1"
@@ -47,6 +49,8 @@ _DTYPES = {  # safetensors dtype code <-> numpy dtype
     "I64": np.dtype("<i8"),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_TMP_OWNER = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{12}\.tmp$")  # .<name>.<host>-<pid>-<random>.tmp
 
 
 class CacheMismatchError(ValueError):
@@ -63,8 +67,30 @@ def _damaged(path: Path, detail: str) -> CacheShardError:
 
 def _temporary(path: Path, mode: str):
     """A new temporary file beside `path`, named uniquely for this writer: `(file object, its path)`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # usual permissions
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # usual permissions
     return open(tmp, mode.replace("w", "x"), **({"encoding": "utf-8"} if "b" not in mode else {})), tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete the temporary files in `folder` left by killed writers: those of a process of this host that
+    no longer runs, and unnamed ones of older versions. Files of live writers (any host) are kept."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        m = _TMP_OWNER.search(tmp.name)
+        if m is None or (m.group(1) == _HOST and not _alive(int(m.group(2)))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def shard_name(kind: str, index: int) -> str:

@@ -39,6 +39,7 @@ from .format import (
     CacheMismatchError,
     format_diff,
     read_json,
+    remove_stale_temporaries,
     settings_diff,
     sha256_file,
     shard_name,
@@ -340,6 +341,8 @@ def write_split(
 
     entry: Dict[str, Any] = {}
     if info.is_main:
+        for tmp in remove_stale_temporaries(split_dir):
+            logger.info("removed %s, left by a killed cache writer", tmp)
         files = {}
         for kind, (ranges, key) in jobs.items():
             names = [shard_name(kind, k) for k in range(len(ranges))]
