@@ -304,3 +304,91 @@ def test_truncated_release_checkpoint_names_the_file(tmp_path):
         load_release_checkpoint(head, path)
     with pytest.raises(FileNotFoundError, match="missing.bin"):
         load_release_checkpoint(head, tmp_path / "missing.bin")
+
+
+# ------------------------------------------------------------------------------------- cache
+@pytest.fixture(scope="module")
+def cache(data, tmp_path_factory):
+    """A small cache of the tiny data's test split, and a pristine copy of its bytes."""
+    from examples.tvr.data import msrvtt
+    from tests.examples.test_cache import write
+
+    root = tmp_path_factory.mktemp("cache")
+    write(root, {"test": msrvtt.load_split(data.root, data.features_path, "test")})
+    return root
+
+
+def _fresh_cache(cache, tmp_path):
+    target = tmp_path / "cache"
+    shutil.copytree(cache, target)
+    return target
+
+
+def test_cache_records_checksums_and_rewrites_a_flipped_shard(data, cache, tmp_path):
+    from examples.tvr.cache import CachedRetrievalDataset, load_manifest
+    from examples.tvr.cache.format import CacheShardError, read_header, sha256_file
+    from examples.tvr.data import msrvtt
+    from tests.examples.test_cache import write
+
+    root = _fresh_cache(cache, tmp_path)
+    entry = load_manifest(root)["splits"]["test"]
+    shard = root / "test" / entry["video_shards"][0]["name"]
+    assert entry["video_shards"][0]["sha256"] == sha256_file(shard)
+    good = shard.read_bytes()
+    start = read_header(shard)[1]
+    shard.write_bytes(good[: start + 5] + bytes([good[start + 5] ^ 0xFF]) + good[start + 6 :])  # same size
+    CachedRetrievalDataset(root, "test")  # reading does not hash unless asked
+    with pytest.raises(CacheShardError, match=f"{shard.name} is damaged.*sha256"):
+        CachedRetrievalDataset(root, "test", verify=True)
+    written = []
+    write(root, {"test": msrvtt.load_split(data.root, data.features_path, "test")},
+          on_shard=lambda *a: written.append(a))
+    assert written == [("test", "videos", 0)] and shard.read_bytes() == good
+    CachedRetrievalDataset(root, "test", verify=True)
+
+
+def test_a_damaged_shard_header_names_the_shard(cache, tmp_path):
+    from examples.tvr.cache import CachedRetrievalDataset
+    from examples.tvr.cache.format import CacheShardError
+
+    root = _fresh_cache(cache, tmp_path)
+    shard = sorted((root / "test").glob("videos-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes().replace(b"data_offsets", b"data_offsetz", 1))
+    ds = CachedRetrievalDataset(root, "test")
+    with pytest.raises(CacheShardError, match=f"{shard.name} is damaged.*data_offsets"):
+        ds[0]
+
+
+def test_temporary_names_are_unique_per_writer(tmp_path):
+    from examples.tvr.cache.format import write_json_atomic, write_safetensors
+
+    other = tmp_path / ".shard.safetensors.tmp"  # another writer's file, in the middle of its write
+    other.write_bytes(b"their half shard")
+    write_safetensors(tmp_path / "shard.safetensors", {"x": torch.ones(3)})
+    write_json_atomic(tmp_path / "manifest.json", {"a": 1})
+    assert other.read_bytes() == b"their half shard"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shard.safetensors.tmp", "manifest.json",
+                                                          "shard.safetensors"]
+
+
+def test_a_damaged_manifest_entry_names_the_manifest(cache, tmp_path):
+    from examples.tvr.cache import CachedRetrievalDataset
+
+    root = _fresh_cache(cache, tmp_path)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["splits"]["test"]["video_shards"] = 3
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest.json is damaged: split 'test' field 'video_shards'"):
+        CachedRetrievalDataset(root, "test")
+
+
+@pytest.mark.parametrize("damage", ["syntax", "list"])
+def test_an_invalid_manifest_is_one_line_naming_it(cache, tmp_path, capsys, damage):
+    root = _fresh_cache(cache, tmp_path)
+    (root / "manifest.json").write_text({"syntax": "{not json", "list": "[1, 2]"}[damage])
+    argv = ["--do_eval", "--cache_dir", str(root), "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+            "--small_clip", json.dumps({"embed_dim": 32, "image_size": 32, "patch_size": 16, "vision_width": 64,
+                                        "vision_layers": 1, "text_width": 64, "text_layers": 1, "context_length": 8}),
+            "--max_words", "8", "--max_frames", "4", "--muse_depth", "1", "--no_progress"]
+    assert entry_point("msrvtt", argv) == 2
+    _one_line_error(capsys, "manifest.json")
