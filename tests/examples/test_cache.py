@@ -20,7 +20,13 @@ from examples.tvr.cache import (
     expected_bytes,
     load_manifest,
 )
-from examples.tvr.cache.format import CacheShardError, open_memmap, read_header, sha256_file, write_safetensors
+from examples.tvr.cache.format import (
+    CacheShardError,
+    open_memmap,
+    read_header,
+    sha256_file,
+    write_safetensors,
+)
 from examples.tvr.cache.writer import frame_settings
 from examples.tvr.data import FrameConfig, RetrievalDataset, msrvtt
 from examples.tvr.distributed import DistInfo
