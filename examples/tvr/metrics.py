@@ -17,7 +17,8 @@ CLIP4Clip's ``compute_metrics`` miscounts ties: every candidate tied with the ma
 one more entry to its list of ranks, so a query with k ties is counted k times (changing
 the denominator of R@K) at the k positions of the tied block.
 
-R@K and ranks are 1-based, R@K in percent. Ranks of row blocks can be computed separately
+Non-finite similarities (NaN, inf) raise ``ValueError``: a NaN compares false with everything, so
+ranking it would give a diverged model a perfect score. R@K and ranks are 1-based, R@K in percent. Ranks of row blocks can be computed separately
 (``t2v_ranks`` on chunks of rows) and concatenated: the result is the same as on the full
 matrix. Tests: ``tests/examples/test_metrics.py``.
 """
@@ -48,6 +49,15 @@ def _check(sim: Tensor, gt: Tensor | None) -> Tensor:
     if not isinstance(sim, Tensor) or sim.ndim != 2:
         raise ValueError(f"sim must be a (N_t, N_v) tensor, got {getattr(sim, 'shape', type(sim))}")
     n_t, n_v = sim.shape
+    finite = torch.isfinite(sim)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(
+            f"sim holds {bad.shape[0]} non-finite values (NaN or inf; first at text {i}, video {j}: "
+            f"{float(sim[i, j])}): the embeddings are not finite, so no ranking is meaningful (a diverged "
+            "model or damaged inputs)"
+        )
     if gt is None:
         if n_t != n_v:
             raise ValueError(f"sim is {tuple(sim.shape)}: a non-square similarity needs gt (N_t,) video indices")
