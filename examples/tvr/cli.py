@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from muse_pyramid.config import AGGREGATIONS, MIXERS
 
 from .model import SIM_HEADERS
+from .validate_args import check_numeric_args
 
 __all__ = ["RECIPES", "build_parser", "parse_args", "main"]
 
@@ -213,11 +214,17 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
                        help="freeze CLIP except its logit scale: only the head and the logit scale train")
     cache.add_argument("--cache_shard_clips", type=int, default=256, help="clips per video shard")
     cache.add_argument("--cache_shard_texts", type=int, default=8192, help="texts per text shard")
+    cache.add_argument("--verify_cache", action="store_true",
+                       help="check every shard read against the sha256 in the cache manifest first")
 
     run = p.add_argument_group("run")
     run.add_argument("--output_dir", help=f"(default: runs/{dataset}_<sim_header>)")
     run.add_argument("--resume", nargs="?", const="auto",
                      help="continue from <output_dir>/checkpoint_last.pt (or the given checkpoint)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="--do_train into an --output_dir that already holds a run: start over, replacing it")
+    run.add_argument("--allow_changed_args", action="store_true",
+                     help="--resume although data / model / optimisation flags differ from the checkpoint's")
     run.add_argument("--no_val", dest="do_val", action="store_false",
                      help="no per-epoch validation (validation runs every epoch unless given)")
     run.add_argument("--no_test", dest="do_test", action="store_false",
@@ -283,22 +290,18 @@ def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.N
     if not (args.demo or from_cache) and (not args.data_path or not args.features_path):
         parser.error("--data_path and --features_path are required ("
                      + ("or run --demo, " if dataset == "msrvtt" else "") + "or read a --cache_dir)")
-    for name in ("cache_shard_clips", "cache_shard_texts"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.output_dir is None and not args.demo:
         args.output_dir = os.path.join("runs", f"{dataset}_{args.sim_header}")
     if args.random_init_clip and args.small_clip is not None:
         parser.error("--random_init_clip and --small_clip are exclusive")
-    for name in ("max_words", "max_frames", "batch_size", "batch_size_val", "epochs", "grad_accum",
-                 "muse_depth", "cross_num_hidden_layers"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_numeric_args(args, parser)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite are exclusive (continue the run, or replace it)")
     return args
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    """Print the counts of every split; exit status 1 when a video is missing or undecodable."""
+    """Print the counts of every split; exit status 1 when a video is missing, undecodable or refused."""
     from .build import data_options
     from .data.validate import validate
 
@@ -306,7 +309,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     for split in ("train", "val", "test"):
         result = validate(args.dataset, args.data_path, args.features_path, split, decode=args.probe_videos,
                           show=20, **data_options(args))
-        bad += result["missing"] + result.get("undecodable", 0)
+        bad += result["missing"] + result.get("undecodable", 0) + result.get("refused", 0)
     return int(bad > 0)
 
 
@@ -317,6 +320,7 @@ def _setup_logging(level: str) -> None:
     if int(os.environ.get("RANK", "0")) != 0:
         chosen = max(chosen, logging.ERROR)
     logging.basicConfig(level=chosen, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(chosen)  # also when logging was configured before (entry_point reads it)
 
 
 def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -352,11 +356,30 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+#: Errors whose message is the whole story (file, flag, remedy); others are shown with their type name.
+_USER_ERRORS = (OSError, ValueError, FloatingPointError, KeyError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the terminal: `error: <message>` (the type name too when it is not a user-facing error)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    if not isinstance(err, _USER_ERRORS):
+        text = f"{type(err).__name__}: {text} (rerun with --log_level DEBUG for the traceback)"
+    return f"error: {text}"
+
+
 def entry_point(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
-    """`main` for the command line: a missing file (data, weights, checkpoint, cache) ends the run with a
-    one-line message and exit status 2 instead of a traceback; every other error keeps its traceback."""
+    """`main` for the command line: any failure (a missing or malformed file, a bad flag combination, a
+    diverged run, a cache that does not match) ends the run with one line `error: ...` on stderr and exit
+    status 2; the traceback is printed too only with `--log_level DEBUG`."""
     try:
         return main(dataset, argv)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 (the command line reports every failure the same way)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            import traceback
+
+            traceback.print_exc()
+        print(error_line(err), file=sys.stderr)
         return 2

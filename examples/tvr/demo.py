@@ -53,7 +53,8 @@ def _argv(cfg: DemoConfig, data, run_dir: Path, seed: int, progress: bool) -> li
             "--batch_size_val", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--coef_lr", "1", "--head_lr_mult", "1", "--muse_depth", str(cfg.muse_depth),
             "--muse_d_state", str(cfg.muse_d_state), "--num_workers", "0", "--device", "cpu", "--seed", str(seed),
-            "--no_val"]  # the synthetic set has no validation split: keep the last epoch, test once
+            "--no_val",  # the synthetic set has no validation split: keep the last epoch, test once
+            "--overwrite"]  # the data are generated again: a rerun replaces the previous demo run
     return argv + ([] if progress else ["--no_progress"])
 
 

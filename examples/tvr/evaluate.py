@@ -186,6 +186,9 @@ def run_eval(args, info: DistInfo) -> Dict[str, Any]:
 
             config = {"sim_header": args.sim_header, "muse": muse_options(args), "max_frames": args.max_frames}
             if args.sim_header == "MUSE":
+                if "clip.visual.proj" not in state:
+                    raise ValueError(f"--init_model {args.init_model}: no CLIP visual projection "
+                                     "('clip.visual.proj') in it; is it a CLIP4Clip / MUSE checkpoint?")
                 config["muse"]["dim"] = int(state["clip.visual.proj"].shape[1])
         model = build_model_from_state(state, config, frame_chunk_size=args.frame_chunk_size)
     else:
@@ -198,7 +201,7 @@ def run_eval(args, info: DistInfo) -> Dict[str, Any]:
         from .cache.training import eval_settings, evaluate_cache
 
         eval_settings(args, model, args.cache_dir, config if args.init_model else None)
-        result = evaluate_cache(model, CachedRetrievalDataset(args.cache_dir, split), info,
+        result = evaluate_cache(model, CachedRetrievalDataset(args.cache_dir, split, verify=getattr(args, "verify_cache", False)), info,
                                 batch_size=args.batch_size_val, num_workers=args.num_workers, dsl=args.dsl,
                                 progress=not args.no_progress, desc=split)
     else:

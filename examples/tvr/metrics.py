@@ -29,9 +29,10 @@ repeats a video):
   MdR / MnR are not. ``compute_metrics`` reports the first as ``v2t`` and, when some video
   has several captions, the second as ``v2t_texts``. With one caption per video they agree.
 
-R@K and ranks are 1-based, R@K in percent. Ranks of row blocks can be computed separately
-(``t2v_ranks`` on chunks of rows) and concatenated: the result is the same as on the full
-matrix. Tests: ``tests/examples/test_metrics.py``.
+Non-finite similarities (NaN, inf) raise ``ValueError``: a NaN compares false with everything, so
+ranking it would give a diverged model a perfect score. R@K and ranks are 1-based, R@K in percent.
+Ranks of row blocks can be computed separately (``t2v_ranks`` on chunks of rows) and concatenated:
+the result is the same as on the full matrix. Tests: ``tests/examples/test_metrics.py``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def _check(sim: Tensor, gt: Tensor | None) -> Tensor:
     if not isinstance(sim, Tensor) or sim.ndim != 2:
         raise ValueError(f"sim must be a (N_t, N_v) tensor, got {getattr(sim, 'shape', type(sim))}")
     n_t, n_v = sim.shape
+    finite = torch.isfinite(sim)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(
+            f"sim holds {bad.shape[0]} non-finite values (NaN or inf; first at text {i}, video {j}: "
+            f"{float(sim[i, j])}): the embeddings are not finite, so no ranking is meaningful (a diverged "
+            "model or damaged inputs)"
+        )
     if gt is None:
         if n_t != n_v:
             raise ValueError(f"sim is {tuple(sim.shape)}: a non-square similarity needs gt (N_t,) video indices")

@@ -20,7 +20,13 @@ from examples.tvr.cache import (
     expected_bytes,
     load_manifest,
 )
-from examples.tvr.cache.format import open_memmap, read_header, sha256_file, write_safetensors
+from examples.tvr.cache.format import (
+    CacheShardError,
+    open_memmap,
+    read_header,
+    sha256_file,
+    write_safetensors,
+)
 from examples.tvr.cache.writer import frame_settings
 from examples.tvr.data import FrameConfig, RetrievalDataset, msrvtt
 from examples.tvr.distributed import DistInfo
@@ -210,7 +216,10 @@ def test_settings_mismatch_raises_naming_fields(data, tmp_path):
         CachedRetrievalDataset(tmp_path, "train")
     victim = tmp_path / "test" / "videos-00000.safetensors"
     victim.write_bytes(victim.read_bytes()[:-10])
-    with pytest.raises(FileNotFoundError, match="missing or damaged"):
+    with pytest.raises(CacheShardError, match="videos-00000.safetensors is missing or damaged"):
+        CachedRetrievalDataset(tmp_path, "test")
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="videos-00000.safetensors is missing"):
         CachedRetrievalDataset(tmp_path, "test")
 
 

@@ -56,7 +56,7 @@ def test_flags_override_recipe_and_muse_options():
     (["--do_train"], "--data_path and --features_path"),
     (["--do_train", *DATA, "--freeze_layer_num", "6"], "freeze_layer_num 6 is not supported"),
     (["--do_train", *DATA, "--muse_mixer", "lstm"], "invalid choice"),
-    (["--do_train", *DATA, "--epochs", "0"], "--epochs must be >= 1"),
+    (["--do_train", *DATA, "--epochs", "0"], "--epochs must be an integer >= 1"),
 ])
 def test_bad_command_lines_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from examples.tvr.data import FrameConfig, RetrievalDataset, group_by_video, lsmdc
+from examples.tvr.data.base import AnnotationError
 from tests.examples.fixtures import LSMDC_CLIPS, fake_tokenize, make_lsmdc_fixture, read_barcodes
 
 
@@ -42,6 +43,13 @@ def test_malformed_lines_name_file_and_line(fx, tmp_path):
     (tmp_path / "LSMDC16_annos_val.csv").write_text("clip_a\t1\t2\t3\t4\tok\nclip_b\t1\t2\tshort\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"LSMDC16_annos_val.csv, line 2: expected 6 tab-separated fields"):
         lsmdc.scan(tmp_path, fx.features_path, "val")
+    (tmp_path / "LSMDC16_annos_val.csv").write_bytes(b"clip_a\t1\t2\t3\t4\tcaf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(AnnotationError, match="not UTF-8"):
+        lsmdc.scan(tmp_path, fx.features_path, "val")
+    (tmp_path / "LSMDC16_annos_val.csv").write_text("../../outside\t1\t2\t3\t4\tno\nclip_a\t1\t2\t3\t4\tok\n",
+                                                  encoding="utf-8")
+    report = lsmdc.scan(tmp_path, fx.features_path, "val")
+    assert [r.split()[0] for r in report.refused] == ["../../outside"] and report.n_videos == 1
     with pytest.raises(FileNotFoundError, match="LSMDC16_challenge_1000_publictect.csv"):
         lsmdc.scan(tmp_path, fx.features_path, "test")
     with pytest.raises(ValueError, match="split"):

@@ -61,6 +61,11 @@ def test_unpickling_refuses_objects(fx, tmp_path):
     (bad / "raw-captions.pkl").write_bytes(pickle.dumps({"x": [[1, 2]]}))
     with pytest.raises(ValueError, match="list of words"):
         msvd.scan(bad, fx.features_path, "train")
+    # an id pointing outside the video folder is refused, named and counted
+    (bad / "train_list.txt").write_text("../x\nx\n", encoding="utf-8")
+    (bad / "raw-captions.pkl").write_bytes(pickle.dumps({"../x": [["up"]], "x": [["here"]]}))
+    report = msvd.scan(bad, fx.features_path, "train")
+    assert [r.split()[0] for r in report.refused] == ["../x"] and [s.text for s in report.samples] == ["here"]
 
 
 def test_errors(fx, tmp_path):

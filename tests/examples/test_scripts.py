@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from examples.tvr.cli import main
+from examples.tvr.cli import main, parse_args
+from examples.tvr.distributed import DistInfo
+from examples.tvr.train import train
 from tests.examples._pipeline_utils import TINY_CLIP
 from tests.examples.fixtures import (
     make_activitynet_fixture,
@@ -67,9 +69,15 @@ def test_script_validates_and_trains_on_its_format(dataset, tmp_path):
 def test_resume_and_feature_cache(dataset, tmp_path, capsys):
     fx = FIXTURES[dataset](tmp_path / "data")
     data = ["--data_path", str(fx.data_path), "--features_path", str(fx.features_path)]
-    run = ["--output_dir", str(tmp_path / "run"), "--batch_size", "2", *TINY]
-    assert main(dataset, ["--do_train", *data, *run, "--epochs", "1"]) == 0
-    assert main(dataset, ["--do_train", *data, *run, "--epochs", "2", "--resume"]) == 0
+    run = ["--do_train", *data, "--output_dir", str(tmp_path / "run"), "--batch_size", "2", "--epochs", "2", *TINY]
+
+    def stop_after_first_epoch(epoch, record):
+        raise KeyboardInterrupt  # the run is killed once epoch 0's checkpoint is written
+
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_args(dataset, run), DistInfo(), on_epoch_end=stop_after_first_epoch)
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert main(dataset, [*run, "--resume"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [h["epoch"] for h in results["history"]] == [0, 1]
 

@@ -80,11 +80,12 @@ def cached_splits(args: argparse.Namespace, model: nn.Module, info: DistInfo
 
     settings = run_settings(args, model.clip)
     args.frozen_clip_weights = settings["weights"]  # recorded in checkpoints (see build.model_config)
-    train_ds = CachedRetrievalDataset(args.cache_dir, "train", settings=settings)
-    splits = {"test": CachedRetrievalDataset(args.cache_dir, "test", settings=settings)}
+    verify = bool(getattr(args, "verify_cache", False))
+    train_ds = CachedRetrievalDataset(args.cache_dir, "train", settings=settings, verify=verify)
+    splits = {"test": CachedRetrievalDataset(args.cache_dir, "test", settings=settings, verify=verify)}
     select_on_val = False
     if args.do_val and "val" in load_manifest(args.cache_dir)["splits"]:
-        splits["val"] = CachedRetrievalDataset(args.cache_dir, "val", settings=settings)
+        splits["val"] = CachedRetrievalDataset(args.cache_dir, "val", settings=settings, verify=verify)
         select_on_val = not same_samples(splits["val"].samples, splits["test"].samples)
         if not select_on_val:
             logger.warning("the validation split is the test split: no model selection on it (the last epoch is "

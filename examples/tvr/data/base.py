@@ -10,6 +10,7 @@ their annotation files with ``data_file`` and their videos with ``index_by_stem`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ from ..video import VideoDecodeError, load_frames, probe_video
 
 __all__ = [
     "VIDEO_EXTENSIONS",
+    "AnnotationError",
+    "annotation_field",
+    "escapes_folder",
+    "read_annotation_json",
     "FrameConfig",
     "RetrievalDataset",
     "Sample",
@@ -40,6 +45,49 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be read as its format says (the message names the file)."""
+
+
+def read_annotation_json(path: str | Path, what: str) -> object:
+    """Parse the JSON annotation file `path` (`what` names it in messages, e.g. "MSR-VTT annotations")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} do not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{what} {path} are not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{what} {path} are not valid JSON: {err.msg} at line {err.lineno} column "
+                              f"{err.colno}") from err
+
+
+def annotation_field(item: object, key: str, path: str | Path, where: str, kind: type | tuple = object):
+    """`item[key]`, or AnnotationError naming the file, the entry (`where`) and the missing / mistyped field."""
+    if not isinstance(item, dict):
+        raise AnnotationError(f"{path}: {where} should be a JSON object, got {type(item).__name__}")
+    if key not in item:
+        raise AnnotationError(f"{path}: {where} has no {key!r} field (fields: {sorted(item)[:8]})")
+    value = item[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise AnnotationError(f"{path}: {where} field {key!r} should be {names}, got {type(value).__name__} "
+                              f"{value!r:.80}")
+    return value
+
+
+def escapes_folder(folder: str | Path, name: str) -> bool:
+    """True when `folder / name` (a name read from an annotation file) is not inside `folder` once `..`,
+    absolute paths and empty / NUL names are resolved. Links placed inside the folder are followed as usual."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return True
+    root = os.path.abspath(os.fspath(folder))
+    target = os.path.abspath(os.path.join(root, name))
+    return os.path.commonpath([root, target]) != root or target == root
 
 
 def frame_defaults(max_words: int, max_frames: int) -> dict:
@@ -106,15 +154,18 @@ class SplitReport:
     unmatched: list[str] = field(default_factory=list)  # split entries the annotations do not cover, etc.
     matched_by: dict[str, int] = field(default_factory=dict)  # how files were matched, e.g. {"exact": 3}
     notes: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # names that point outside the video folder (dropped)
 
     def log(self) -> None:
-        level = logging.WARNING if self.missing or self.unmatched else logging.INFO
+        level = logging.WARNING if self.missing or self.unmatched or self.refused else logging.INFO
         logger.log(
             level,
-            "%s/%s: %d videos, %d captions, %d found on disk, %d missing, %d unmatched",
+            "%s/%s: %d videos, %d captions, %d found on disk, %d missing, %d unmatched, %d refused",
             self.dataset, self.split, self.n_videos, self.n_captions, self.found,
-            len(self.missing), len(self.unmatched),
+            len(self.missing), len(self.unmatched), len(self.refused),
         )
+        for name in self.refused:
+            logger.warning("%s/%s: refused %s", self.dataset, self.split, name)
         for name in self.missing:
             logger.warning("%s/%s: no video file for %s", self.dataset, self.split, name)
         for name in self.unmatched:
@@ -130,6 +181,8 @@ class SplitReport:
             "found": self.found,
             "missing": len(self.missing),
             "unmatched": len(self.unmatched),
+            "refused": len(self.refused),
+            "refused_names": list(self.refused),
             "matched_by": dict(self.matched_by),
             "missing_names": list(self.missing),
             "unmatched_names": list(self.unmatched),
@@ -195,10 +248,13 @@ def caption_split_report(
     Video ids keep their first-appearance order; the video of an id is the file anywhere under
     ``features_path`` whose name without its extension is the id (``index_by_stem``; the first in
     sorted order when several match, noted). A video without a file is listed in ``missing`` and
-    its samples point at ``<features_path>/<id>`` so that ``RetrievalDataset`` reports it.
+    its samples point at ``<features_path>/<id>`` so that ``RetrievalDataset`` reports it; an id that
+    would point outside ``features_path`` (``..``, an absolute path) is dropped and listed in ``refused``.
     """
     features_path = Path(features_path)
     by_stem = index_by_stem(features_path)
+    outside = {v for v, _ in pairs if escapes_folder(features_path, v)}
+    pairs = [(v, text) for v, text in pairs if v not in outside]
     video_ids = list(dict.fromkeys(v for v, _ in pairs))
     paths: dict[str, Path] = {}
     notes = list(notes)
@@ -222,6 +278,7 @@ def caption_split_report(
         unmatched=list(unmatched),
         matched_by=matched_by,
         notes=notes,
+        refused=[f"{v} (its file would be outside {features_path})" for v in sorted(outside)],
     )
 
 

@@ -10,7 +10,8 @@ Files under ``data_path``, tab-separated, no header, one clip-sentence pair per 
 
 A clip id may come with several sentences (each is a sample). A sentence holding a tab keeps it
 (the line is split at its first five tabs); a line with fewer than six fields is an error naming
-the file and line. The time columns are not read: the clip files are already cut.
+the file and line (``AnnotationError``). The time columns are not read: the clip files are already
+cut. A clip id that would point outside ``features_path`` is refused (reported, dropped).
 
 Clips: ``<clip_id>.<ext>`` anywhere under ``features_path`` (one folder per movie in the
 release), matched by the file name without its last extension; ids contain dots and dashes
@@ -23,7 +24,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Sample, SplitReport, caption_split_report, check_scan_args, data_file, frame_defaults
+from .base import (
+    AnnotationError,
+    Sample,
+    SplitReport,
+    caption_split_report,
+    check_scan_args,
+    data_file,
+    frame_defaults,
+)
 
 __all__ = ["DEFAULTS", "OPTIONS", "FILES", "load_split", "read_annotations", "scan"]
 
@@ -42,20 +51,23 @@ def read_annotations(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LSMDC annotations {path} do not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"LSMDC annotations {path} are not UTF-8 text ({err.reason} at byte {err.start})") from err
     pairs = []
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t", N_FIELDS - 1)
-            if len(fields) < N_FIELDS:
-                raise ValueError(f"{path}, line {number}: expected {N_FIELDS} tab-separated fields (clip id, four "
-                                 f"times, sentence), got {len(fields)}: {line[:120]!r}")
-            clip_id, sentence = fields[0].strip(), fields[-1].strip()
-            if not clip_id:
-                raise ValueError(f"{path}, line {number}: empty clip id")
-            pairs.append((clip_id, sentence))
+    for number, line in enumerate(text.split("\n"), start=1):  # only \n (and \r\n) end a line
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        fields = line.split("\t", N_FIELDS - 1)
+        if len(fields) < N_FIELDS:
+            raise AnnotationError(f"{path}, line {number}: expected {N_FIELDS} tab-separated fields (clip id, four "
+                                  f"times, sentence), got {len(fields)}: {line[:120]!r}")
+        clip_id, sentence = fields[0].strip(), fields[-1].strip()
+        if not clip_id:
+            raise AnnotationError(f"{path}, line {number}: empty clip id")
+        pairs.append((clip_id, sentence))
     return pairs
 
 

@@ -17,7 +17,9 @@ video). Training draws them all (CLIP4Clip's MSVD training set); evaluation rank
 as a query against the distinct videos (text-to-video), and every video against all captions,
 a hit on any of its own captions counting (video-to-text; see ``examples/tvr/metrics.py``).
 Listed ids without captions are dropped and reported as unmatched (CLIP4Clip stops on them);
-videos without a file are reported as missing (CLIP4Clip fails on them when it reads them).
+videos without a file are reported as missing (CLIP4Clip fails on them when it reads them); ids
+that would point outside ``features_path`` are refused. A malformed file raises ``AnnotationError``
+naming it.
 Tests: ``tests/examples/test_data_msvd.py``.
 """
 
@@ -27,7 +29,15 @@ import io
 import pickle
 from pathlib import Path
 
-from .base import Sample, SplitReport, caption_split_report, check_scan_args, data_file, frame_defaults
+from .base import (
+    AnnotationError,
+    Sample,
+    SplitReport,
+    caption_split_report,
+    check_scan_args,
+    data_file,
+    frame_defaults,
+)
 
 __all__ = ["DEFAULTS", "OPTIONS", "CAPTIONS_FILE", "load_split", "read_captions", "scan"]
 
@@ -52,13 +62,13 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
     try:
         raw = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ValueError(f"{path} is not a pickled {{video_id: [caption, ...]}} dict: {err}") from err
+        raise AnnotationError(f"{path} is not a pickled {{video_id: [caption, ...]}} dict: {err}") from err
     if not isinstance(raw, dict):
-        raise ValueError(f"{path} must hold a dict {{video_id: [caption, ...]}}, got {type(raw).__name__}")
+        raise AnnotationError(f"{path} must hold a dict {{video_id: [caption, ...]}}, got {type(raw).__name__}")
     out: dict[str, list[str]] = {}
     for vid, caps in raw.items():
         if not isinstance(vid, str) or not isinstance(caps, (list, tuple)):
-            raise ValueError(f"{path}: entry {vid!r} must map a video id to a list of captions, got "
+            raise AnnotationError(f"{path}: entry {vid!r} must map a video id to a list of captions, got "
                              f"{type(caps).__name__}")
         texts = []
         for cap in caps:
@@ -67,7 +77,7 @@ def read_captions(path: str | Path) -> dict[str, list[str]]:
             elif isinstance(cap, (list, tuple)) and all(isinstance(w, str) for w in cap):
                 texts.append(" ".join(cap))
             else:
-                raise ValueError(f"{path}: a caption of {vid!r} must be a list of words or a string, got {cap!r}")
+                raise AnnotationError(f"{path}: a caption of {vid!r} must be a list of words or a string, got {cap!r}")
         out[vid] = texts
     return out
 
@@ -82,8 +92,11 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
     captions_path = data_file(data_path, CAPTIONS_FILE)
     if not list_path.is_file():
         raise FileNotFoundError(f"MSVD split list {list_path} does not exist")
-    listed = list(dict.fromkeys(line.strip() for line in list_path.read_text(encoding="utf-8").splitlines()))
-    listed = [v for v in listed if v]
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"MSVD list {list_path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    listed = [v for v in dict.fromkeys(line.strip() for line in lines) if v]
     captions = read_captions(captions_path)
     unmatched = [f"{v} (in {list_path.name}, no caption in {captions_path.name})" for v in listed if not captions.get(v)]
     pairs = [(v, text) for v in listed for text in captions.get(v, ())]
