@@ -258,6 +258,10 @@ def _apply_compat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         args.precision = "fp16"
 
 
+#: The flags `--demo` honours; it refuses every other one instead of ignoring it.
+DEMO_FLAGS = frozenset({"--demo", "--output_dir", "--seed", "--no_progress", "--log_level"})
+
+
 def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse `argv` and fill unset options from `RECIPES[dataset]`; validates flag combinations."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -280,6 +284,11 @@ def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.N
     modes = [m for m in ("do_train", "do_eval", "validate", "demo", "cache") if getattr(args, m)]
     if len(modes) != 1:
         parser.error(f"choose exactly one of --do_train, --do_eval, --validate, --demo, --cache (got {modes or 'none'})")
+    if args.demo:  # a fixed recipe: any other flag would be ignored, so it is refused
+        given = sorted({a.split("=", 1)[0] for a in argv if a.startswith("--")} - DEMO_FLAGS)
+        if given:
+            parser.error(f"--demo runs a fixed recipe (examples/tvr/demo.py) and takes only "
+                         f"{', '.join(sorted(DEMO_FLAGS - {'--demo'}))}; got {', '.join(given)}")
     args.cache_dir = args.cache_dir or None  # CLIP4Clip scripts pass --cache_dir "" (its download cache)
     if args.cache and not args.cache_dir:
         parser.error("--cache needs --cache_dir (the folder to write the cache to)")

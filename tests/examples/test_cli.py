@@ -154,6 +154,15 @@ def test_datatype_must_match_the_script_and_demo_is_msrvtt_only(capsys):
     assert parse_args("msrvtt", ["--demo"]).demo
 
 
+def test_demo_refuses_the_flags_it_would_ignore(capsys):
+    args = parse_args("msrvtt", ["--demo", "--output_dir", "x", "--seed=3", "--no_progress"])
+    assert args.demo and args.seed == 3
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("msrvtt", ["--demo", "--lr", "1e4", "--epochs=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--demo runs a fixed recipe" in err and "got --epochs, --lr" in err
+
+
 def test_do_train_with_do_eval_trains():
     args = parse_args("msvd", ["--do_train", "--do_eval", *DATA])
     assert args.do_train and not args.do_eval
