@@ -126,3 +126,13 @@ def test_missing_video_gets_a_placeholder(tmp_path):
         report_data(text, video, torch.arange(2), ["a", "b", "c"], clips, label="x")
     with pytest.raises(FileNotFoundError, match="--report"):
         load_report(tmp_path / "nothing")
+
+
+def test_report_command_reads_settings_from_the_checkpoint(trained):
+    from examples.tvr.report_cli import main as report_main
+
+    run, results = trained
+    assert report_main([str(run / "model_best.pt"), "--no_progress", "--report_queries", "2", "--num_workers", "0"]) == 0
+    rep = load_report(run / "eval_test")
+    assert rep["metrics"]["t2v"]["R@1"] == pytest.approx(results["test"]["metrics"]["t2v"]["R@1"])
+    _check_marks(check_page_files(run / "eval_test" / "report" / "report.html"), n_sections=2)

@@ -14,7 +14,13 @@ from examples.tvr.data import msrvtt
 from examples.tvr.distributed import DistInfo
 from examples.tvr.evaluate import evaluate_samples
 from examples.tvr.search_cli import entry_point, main
-from examples.tvr.search_index import ExactCosine, VideoIndex, bytes_per_video, encode_queries, load_search_model
+from examples.tvr.search_index import (
+    ExactCosine,
+    VideoIndex,
+    bytes_per_video,
+    encode_queries,
+    load_search_model,
+)
 from examples.tvr.train import train
 from tests.examples._pages import assert_images_load, check_page_files
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args, tiny_clip
@@ -191,8 +197,14 @@ def test_trained_demo_model_finds_the_captioned_video(tmp_path):
     index = VideoIndex.open(tmp_path / "ix")
     hits = index.search(encode_queries(model, source, [s.text for s in samples]), k=5)
     found = [s.video_path.name in {Path(e.path).name for e, _ in row} for s, row in zip(samples, hits)]
+    print(f"captioned video in the top 5 for {sum(found)} of {len(samples)} test captions")
     assert sum(found) >= 0.75 * len(samples), found  # chance: 5 / 12
     first = next(i for i, f in enumerate(found) if f)
     assert main(["search", samples[first].text, "--index", str(tmp_path / "ix"), "--top_k", "5", "--html"]) == 0
     dom = check_page_files(tmp_path / "ix" / "search.html")
     assert samples[first].video_path.name in {Path(h["path"]).name for h in dom.hits}
+    from examples.tvr.report_cli import main as report_main
+
+    assert report_main([ckpt, "--no_progress", "--num_workers", "0"]) == 0
+    page = tmp_path / "run" / "eval_test" / "report" / "report.html"
+    assert check_page_files(page).sections
