@@ -291,8 +291,8 @@ class VideoIndex:
         new_model = asdict(source)
         if rebuild or self.model is None:
             self.entries, self.vectors, self.failed, self.model = [], torch.zeros(0, source.dim), {}, new_model
-        elif self.model["sha256"] != source.sha256 or self.model != new_model:
-            differ = sorted(k for k in new_model if self.model.get(k) != new_model[k])
+        elif any(self.model.get(k) != v for k, v in new_model.items() if k != "path"):  # the file may move
+            differ = sorted(k for k in new_model if k != "path" and self.model.get(k) != new_model[k])
             raise ValueError(f"the index at {self.folder} was built with another model or frame rule ({', '.join(differ)} "
                              "differ): index into a new folder, or rebuild it")
         by_path = {e.path: i for i, e in enumerate(self.entries)}

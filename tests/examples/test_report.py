@@ -136,3 +136,18 @@ def test_report_command_reads_settings_from_the_checkpoint(trained):
     rep = load_report(run / "eval_test")
     assert rep["metrics"]["t2v"]["R@1"] == pytest.approx(results["test"]["metrics"]["t2v"]["R@1"])
     _check_marks(check_page_files(run / "eval_test" / "report" / "report.html"), n_sections=2)
+
+
+def test_report_from_feature_cache(data, tmp_path):
+    """Training from the cache: keyframes come from the video paths the cache recorded."""
+    from examples.tvr.cache import build_cache_from_args
+
+    build_cache_from_args(tiny_args(data, tmp_path / "c", "--cache_dir", str(tmp_path / "cache"), mode="--cache"),
+                          DistInfo())
+    run = tmp_path / "run"
+    results = train(tiny_args(data, run, "--frozen_clip", "--cache_dir", str(tmp_path / "cache"), "--epochs", "1",
+                              "--report", "--report_queries", "3"), DistInfo())
+    parsed = check_page_files(run / "report" / "report.html")
+    _check_marks(parsed, n_sections=3)
+    assert len(parsed.images) > 1  # strips, not only the plot
+    assert load_report(run)["metrics"]["t2v"]["R@1"] == pytest.approx(results["test"]["metrics"]["t2v"]["R@1"])
