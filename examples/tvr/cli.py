@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from muse_pyramid.config import AGGREGATIONS, MIXERS
 
 from .model import SIM_HEADERS
+from .report import add_report_arguments
 from .validate_args import check_numeric_args
 
 __all__ = ["RECIPES", "build_parser", "parse_args", "main"]
@@ -233,6 +234,9 @@ def build_parser(dataset: str) -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     run.add_argument("--no_progress", action="store_true", help="no progress bars")
     run.add_argument("--log_level", default="INFO")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log loss, learning rates and metrics to <output_dir>/tensorboard (pip install tensorboard)")
+    add_report_arguments(p)
 
     compat = p.add_argument_group("CLIP4Clip flags accepted for compatibility")
     for name in _COMPAT:

@@ -219,4 +219,8 @@ def run_eval(args, info: DistInfo) -> Dict[str, Any]:
                    out_dir / f"embeddings_{split}.pt")
         write_results(out, out_dir, title=f"{args.dataset} {split} ({model.sim_header}, "
                                           f"{args.init_model or 'untrained'})", name=f"eval_{split}")
+        if getattr(args, "report", False):
+            from .report import write_run_report
+
+            write_run_report(args, model, split, result, out_dir)
     return out

@@ -51,6 +51,7 @@ from .checkpoint import (
     restore_rng_state,
     save_atomic,
 )
+from .curves import TrainingCurves
 from .distributed import DistInfo, barrier, make_loader, per_process_batch
 from .evaluate import evaluate_samples, same_samples, write_results
 from .loss import contrastive_loss
@@ -277,6 +278,7 @@ def train(args: argparse.Namespace, info: DistInfo,
 
     from tqdm.auto import tqdm
 
+    curves = TrainingCurves(optimizer, out_dir, is_main=info.is_main, tensorboard=getattr(args, "tensorboard", False))
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         ddp_model.train()
@@ -286,6 +288,7 @@ def train(args: argparse.Namespace, info: DistInfo,
         for batch in bar:
             batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             loss = train_step(ddp_model, batch, grad_accum=args.grad_accum, precision=args.precision, scaler=scaler)
+            curves.step(step + 1, loss)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             skipped += check_finite_step(loss, grad_norm, epoch=epoch, step=step + 1, info=info,
@@ -321,8 +324,10 @@ def train(args: argparse.Namespace, info: DistInfo,
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R@1']:.1f}" if "val" in record else "")
                   + f" ({record['seconds']:.0f}s)", flush=True)
+        record["curve"] = curves.end_epoch(record)  # after the log line: per-step lists stay out of it
         _save_epoch(args, info, model, optimizer, scheduler, scaler, epoch, step, best, best_epoch, history,
                     improved)
+        curves.write(history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
@@ -337,6 +342,11 @@ def train(args: argparse.Namespace, info: DistInfo,
         results["test"] = {k: v for k, v in test.items() if k not in ("text", "video", "gt")}
         if info.is_main:
             write_results(results, out_dir, title=f"{args.dataset} test (epoch {best_epoch + 1}, {args.sim_header})")
+            if getattr(args, "report", False):
+                from .report import write_run_report
+
+                write_run_report(args, model, "test", test, out_dir)
+    curves.finish(results)
     barrier()
     return results
 
