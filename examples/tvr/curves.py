@@ -153,6 +153,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = [s for r in history for s in (r.get("curve") or {}).get("step", [])]
     loss = [v for r in history for v in (r.get("curve") or {}).get("loss", [])]
@@ -188,6 +189,9 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path,
     else:
         ax_val.text(0.5, 0.5, "no validation split (--no_val)", ha="center", va="center", transform=ax_val.transAxes)
     ax_val.set(title="R@1 per epoch", xlabel="epoch", ylabel="R@1 (%)", ylim=(0, 100))
+    last_epoch = int(history[-1]["epoch"]) + 1 if history else 1
+    ax_val.set_xlim(0.5, last_epoch + 0.5)  # whole epochs, also when only one point is drawn
+    ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
