@@ -67,7 +67,7 @@ def make_tokenizer(max_words: int) -> Callable[[List[str]], torch.Tensor]:
 
 def frame_config(args: argparse.Namespace, clip: nn.Module):
     """`FrameConfig` from the flags, at CLIP's input resolution."""
-    from .data.base import FrameConfig
+    from .video import FrameConfig
 
     return FrameConfig(max_frames=args.max_frames, feature_framerate=args.feature_framerate,
                        slice_framepos=args.slice_framepos, image_resolution=clip_image_size(clip))

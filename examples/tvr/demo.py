@@ -70,7 +70,7 @@ def run_demo(output_dir: Optional[str] = None, seed: int = 42, progress: bool = 
         progress: tqdm progress bars.
         config: sizes (default `DemoConfig()`).
     """
-    from .cli import parse_args
+    from .args import parse_args
     from .data.synthetic import make_synthetic_msrvtt
     from .distributed import DistInfo
     from .train import train

@@ -181,8 +181,7 @@ def keyframe_strip(path: str | os.PathLike, start: Optional[float], end: Optiona
     side as one JPEG at `out`; returns None when written, else why not (missing or undecodable video)."""
     from PIL import Image
 
-    from .data.base import FrameConfig
-    from .video import VideoDecodeError, decode_frames, select_frames
+    from .video import FrameConfig, VideoDecodeError, decode_frames, select_frames
 
     r = _FrameRule(**{k: int(v) for k, v in rule.items() if k in _FrameRule.__dataclass_fields__})
     try:

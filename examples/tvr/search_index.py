@@ -37,8 +37,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .cache.format import read_json, sha256_file, write_json_atomic
-from .data.base import FrameConfig, list_video_files
+from .data.base import list_video_files
 from .model import CLIP4Clip
+from .video import FrameConfig
 
 __all__ = ["INDEX_FORMAT", "SearchBackend", "ExactCosine", "BACKENDS", "IndexEntry", "VideoIndex", "ModelSource",
            "load_search_model", "write_results_page", "bytes_per_video"]

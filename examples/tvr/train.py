@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -53,33 +52,20 @@ from .checkpoint import (
 )
 from .curves import TrainingCurves
 from .distributed import DistInfo, barrier, make_loader, per_process_batch
-from .evaluate import evaluate_samples, same_samples, write_results
+from .encode import same_samples
+from .evaluate import evaluate_samples, write_results
 from .loss import contrastive_loss
 from .model import CLIP4Clip
 from .optim import build_optimizer, build_scheduler
 from .run_guard import check_output_dir, check_resume_args, run_identity
+from .runtime import autocast_context, seed_everything
 
-__all__ = ["seed_everything", "autocast_context", "train_step", "train", "SELECTION_METRIC", "NonFiniteError",
+__all__ = ["train_step", "train", "SELECTION_METRIC", "NonFiniteError",
            "check_finite_step", "check_finite_model"]
 
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = ("t2v", "R@1")  # model selection on validation text-to-video R@1 (ties: R@5, R@10)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast_context(precision: str, device: torch.device):
-    """`torch.autocast` for bf16 / fp16 on CUDA; fp32 (or any CPU run) is a no-op context."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise ValueError(f"--precision {precision} (AMP) needs a CUDA device; got device {device}. Use fp32 on CPU")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _rng_snapshot(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -23,18 +23,17 @@ R = ``image_resolution``. Tests: ``tests/examples/test_video.py``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .data.base import FrameConfig
-
 __all__ = [
+    "FrameConfig",
     "CLIP_MEAN",
     "CLIP_STD",
     "VideoDecodeError",
@@ -50,6 +49,26 @@ __all__ = [
     "video_fps",
     "write_video",
 ]
+
+
+@dataclass
+class FrameConfig:
+    """How frames are read: the frame rule of this module's docstring, and the crop size."""
+
+    max_frames: int  # T: frames kept per clip (zero-padded with a mask below that)
+    feature_framerate: int = 1  # frames per second read; CLIP4Clip's default and published setting
+    slice_framepos: int = 2  # above max_frames: 0 = head, 1 = tail, 2 = uniform
+    image_resolution: int = 224  # R: short side resize then R x R centre crop
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.feature_framerate < 0:
+            raise ValueError(f"feature_framerate must be >= 0, got {self.feature_framerate}")
+        if self.slice_framepos not in (0, 1, 2):
+            raise ValueError(f"slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
+        if self.image_resolution < 1:
+            raise ValueError(f"image_resolution must be >= 1, got {self.image_resolution}")
 
 logger = logging.getLogger(__name__)
 

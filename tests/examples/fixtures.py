@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-
-from examples.tvr.video import denormalize, write_video
+from tvr.video import denormalize, write_video
 
 GRID = 4  # bar code: GRID x GRID cells, one bit each
 LOW, HIGH, BACKGROUND = 16, 235, 128

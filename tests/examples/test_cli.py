@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tvr.args import RECIPES, build_parser, parse_args
+from tvr.cli import entry_point, main
 
-from examples.tvr.cli import RECIPES, build_parser, entry_point, main, parse_args
 from tests.examples._pipeline_utils import make_tiny_msrvtt
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from tvr.curves import TrainingCurves, plot_curves, smooth
+from tvr.distributed import DistInfo
+from tvr.optim import build_optimizer
+from tvr.train import train
 
-from examples.tvr.curves import TrainingCurves, plot_curves, smooth
-from examples.tvr.distributed import DistInfo
-from examples.tvr.optim import build_optimizer
-from examples.tvr.train import train
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args, tiny_model
 
 

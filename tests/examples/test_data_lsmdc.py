@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from tvr.data import FrameConfig, RetrievalDataset, group_by_video, lsmdc
+from tvr.data.base import AnnotationError
 
-from examples.tvr.data import FrameConfig, RetrievalDataset, group_by_video, lsmdc
-from examples.tvr.data.base import AnnotationError
 from tests.examples.fixtures import LSMDC_CLIPS, fake_tokenize, make_lsmdc_fixture, read_barcodes
 
 

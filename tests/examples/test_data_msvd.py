@@ -5,8 +5,8 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from tvr.data import FrameConfig, RetrievalDataset, group_by_video, msvd
 
-from examples.tvr.data import FrameConfig, RetrievalDataset, group_by_video, msvd
 from tests.examples.fixtures import fake_tokenize, make_msvd_fixture, read_barcodes
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tvr.data.validate import validate
 
-from examples.tvr.data.validate import validate
 from tests.examples.fixtures import make_activitynet_fixture, make_didemo_fixture, make_msrvtt_fixture
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tvr.distributed import DistInfo, init_distributed, make_loader, per_process_batch
+from tvr.train import train_step
 
-from examples.tvr.distributed import DistInfo, init_distributed, make_loader, per_process_batch
-from examples.tvr.train import train_step
 from tests.examples._pipeline_utils import (
     TINY_CLIP,
     ddp_grad_worker,

@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
+from tvr.build import frame_config, make_tokenizer
+from tvr.cli import main
+from tvr.data import msrvtt
+from tvr.data.base import RetrievalDataset
+from tvr.distributed import DistInfo
+from tvr.evaluate import evaluate_samples, results_table
+from tvr.metrics import compute_metrics
+from tvr.train import train
 
-from examples.tvr.build import frame_config, make_tokenizer
-from examples.tvr.cli import main
-from examples.tvr.data import msrvtt
-from examples.tvr.data.base import RetrievalDataset
-from examples.tvr.distributed import DistInfo
-from examples.tvr.evaluate import evaluate_samples, results_table
-from examples.tvr.metrics import compute_metrics
-from examples.tvr.train import train
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args, tiny_model
 
 

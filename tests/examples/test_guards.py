@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from examples.tvr.checkpoint import (
+from tvr.args import RECIPES, build_parser, parse_args
+from tvr.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     PREV_NAME,
@@ -21,11 +21,12 @@ from examples.tvr.checkpoint import (
     load_training_checkpoint,
     save_atomic,
 )
-from examples.tvr.cli import RECIPES, build_parser, entry_point, parse_args
-from examples.tvr.distributed import DistInfo
-from examples.tvr.metrics import compute_metrics, t2v_ranks
-from examples.tvr.train import NonFiniteError, check_finite_step, train
-from examples.tvr.validate_args import NUMERIC_RULES, numeric_dests
+from tvr.cli import entry_point
+from tvr.distributed import DistInfo
+from tvr.metrics import compute_metrics, t2v_ranks
+from tvr.train import NonFiniteError, check_finite_step, train
+from tvr.validate_args import NUMERIC_RULES, numeric_dests
+
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args
 
 DATA = ["--do_train", "--data_path", "/d", "--features_path", "/d/videos"]
@@ -116,7 +117,7 @@ def test_a_diverging_epoch_never_replaces_good_weights(data, tmp_path, monkeypat
         train(tiny_args(data, out, "--epochs", "2", "--val_csv", str(val_csv), argv=["--no_test"]), DistInfo(),
               on_epoch_end=_stop_after_first)
     best, last = (out / BEST_NAME).read_bytes(), (out / CHECKPOINT_NAME).read_bytes()
-    import examples.tvr.train as train_module
+    import tvr.train as train_module
 
     real_step = train_module.train_step
     monkeypatch.setattr(train_module, "train_step", lambda *a, **k: real_step(*a, **k) * float("nan"))
@@ -136,7 +137,7 @@ def _stop_after_first(epoch, record):
 
 
 def test_non_finite_weights_are_never_saved():
-    from examples.tvr.train import check_finite_model
+    from tvr.train import check_finite_model
 
     model = torch.nn.Linear(2, 2)
     check_finite_model(model, epoch=0)
@@ -170,7 +171,7 @@ def test_resume_refuses_changed_settings_unless_allowed(data, tmp_path, caplog):
     assert "--batch_size (optimisation): checkpoint 4, now 2" in str(err.value)
     assert "--allow_changed_args" in str(err.value) and "--seed" not in str(err.value)
     changed.allow_changed_args = True
-    with caplog.at_level(logging.WARNING, logger="examples.tvr.run_guard"):
+    with caplog.at_level(logging.WARNING, logger="tvr.run_guard"):
         result = train(changed, DistInfo())
     assert len(result["history"]) == 2 and "changed settings" in caplog.text
 
@@ -183,7 +184,7 @@ def test_checkpoints_rotate_and_a_damaged_latest_falls_back(tmp_path, caplog):
     assert load_checkpoint(path)["epoch"] == 2 and load_checkpoint(tmp_path / PREV_NAME)["epoch"] == 1
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
-    with caplog.at_level(logging.WARNING, logger="examples.tvr.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="tvr.checkpoint"):
         ckpt, used = load_training_checkpoint(path)
     assert used == tmp_path / PREV_NAME and ckpt["epoch"] == 1
     assert "falling back" in caplog.text and CHECKPOINT_NAME in caplog.text
@@ -210,7 +211,7 @@ def test_resume_from_the_wrong_kind_of_file_is_named(data, tmp_path):
 
 # ------------------------------------------------------------------------ paths inside the folder
 def test_msrvtt_ids_outside_the_video_folder_are_refused(data, tmp_path):
-    from examples.tvr.data import msrvtt
+    from tvr.data import msrvtt
 
     root = tmp_path / "copy"
     shutil.copytree(data.root, root)
@@ -227,7 +228,8 @@ def test_msrvtt_ids_outside_the_video_folder_are_refused(data, tmp_path):
 
 
 def test_didemo_and_activitynet_names_outside_the_folder_are_refused(tmp_path):
-    from examples.tvr.data import activitynet, didemo
+    from tvr.data import activitynet, didemo
+
     from tests.examples.fixtures import make_activitynet_fixture, make_didemo_fixture
 
     fx = make_didemo_fixture(tmp_path / "didemo")
@@ -310,7 +312,8 @@ def test_truncated_release_checkpoint_names_the_file(tmp_path):
 @pytest.fixture(scope="module")
 def cache(data, tmp_path_factory):
     """A small cache of the tiny data's test split, and a pristine copy of its bytes."""
-    from examples.tvr.data import msrvtt
+    from tvr.data import msrvtt
+
     from tests.examples.test_cache import write
 
     root = tmp_path_factory.mktemp("cache")
@@ -325,9 +328,10 @@ def _fresh_cache(cache, tmp_path):
 
 
 def test_cache_records_checksums_and_rewrites_a_flipped_shard(data, cache, tmp_path):
-    from examples.tvr.cache import CachedRetrievalDataset, load_manifest
-    from examples.tvr.cache.format import CacheShardError, read_header, sha256_file
-    from examples.tvr.data import msrvtt
+    from tvr.cache import CachedRetrievalDataset, load_manifest
+    from tvr.cache.format import CacheShardError, read_header, sha256_file
+    from tvr.data import msrvtt
+
     from tests.examples.test_cache import write
 
     root = _fresh_cache(cache, tmp_path)
@@ -348,8 +352,8 @@ def test_cache_records_checksums_and_rewrites_a_flipped_shard(data, cache, tmp_p
 
 
 def test_a_damaged_shard_header_names_the_shard(cache, tmp_path):
-    from examples.tvr.cache import CachedRetrievalDataset
-    from examples.tvr.cache.format import CacheShardError
+    from tvr.cache import CachedRetrievalDataset
+    from tvr.cache.format import CacheShardError
 
     root = _fresh_cache(cache, tmp_path)
     shard = sorted((root / "test").glob("videos-*.safetensors"))[0]
@@ -360,7 +364,7 @@ def test_a_damaged_shard_header_names_the_shard(cache, tmp_path):
 
 
 def test_temporary_names_are_unique_per_writer(tmp_path):
-    from examples.tvr.cache.format import write_json_atomic, write_safetensors
+    from tvr.cache.format import write_json_atomic, write_safetensors
 
     other = tmp_path / ".shard.safetensors.tmp"  # another writer's file, in the middle of its write
     other.write_bytes(b"their half shard")
@@ -372,7 +376,7 @@ def test_temporary_names_are_unique_per_writer(tmp_path):
 
 
 def test_a_damaged_manifest_entry_names_the_manifest(cache, tmp_path):
-    from examples.tvr.cache import CachedRetrievalDataset
+    from tvr.cache import CachedRetrievalDataset
 
     root = _fresh_cache(cache, tmp_path)
     manifest = json.loads((root / "manifest.json").read_text())

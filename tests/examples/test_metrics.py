@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from examples.tvr.metrics import (
+from tvr.metrics import (
     chunked_similarity,
     compute_metrics,
     dual_softmax,

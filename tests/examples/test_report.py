@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from tvr.cli import main
+from tvr.distributed import DistInfo
+from tvr.metrics import metrics_from_ranks
+from tvr.report import build_report, load_report, recall_at_k, report_data, select_queries
+from tvr.train import train
 
-from examples.tvr.cli import main
-from examples.tvr.distributed import DistInfo
-from examples.tvr.metrics import metrics_from_ranks
-from examples.tvr.report import build_report, load_report, recall_at_k, report_data, select_queries
-from examples.tvr.train import train
 from tests.examples._pages import assert_images_load, check_page_files
 from tests.examples._pipeline_utils import TINY_CLIP, make_tiny_msrvtt, tiny_args
 
@@ -129,7 +129,7 @@ def test_missing_video_gets_a_placeholder(tmp_path):
 
 
 def test_report_command_reads_settings_from_the_checkpoint(trained):
-    from examples.tvr.report_cli import main as report_main
+    from tvr.report_cli import main as report_main
 
     run, results = trained
     assert report_main([str(run / "model_best.pt"), "--no_progress", "--report_queries", "2", "--num_workers", "0"]) == 0
@@ -140,7 +140,7 @@ def test_report_command_reads_settings_from_the_checkpoint(trained):
 
 def test_report_from_feature_cache(data, tmp_path):
     """Training from the cache: keyframes come from the video paths the cache recorded."""
-    from examples.tvr.cache import build_cache_from_args
+    from tvr.cache import build_cache_from_args
 
     build_cache_from_args(tiny_args(data, tmp_path / "c", "--cache_dir", str(tmp_path / "cache"), mode="--cache"),
                           DistInfo())

@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from tvr.args import parse_args
+from tvr.cli import main
+from tvr.distributed import DistInfo
+from tvr.train import train
 
-from examples.tvr.cli import main, parse_args
-from examples.tvr.distributed import DistInfo
-from examples.tvr.train import train
 from tests.examples._pipeline_utils import TINY_CLIP
 from tests.examples.fixtures import (
     make_activitynet_fixture,

@@ -8,20 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from examples.tvr.build import frame_config, make_tokenizer
-from examples.tvr.data import msrvtt
-from examples.tvr.distributed import DistInfo
-from examples.tvr.evaluate import evaluate_samples
-from examples.tvr.search_cli import entry_point, main
-from examples.tvr.search_index import (
+from tvr.build import frame_config, make_tokenizer
+from tvr.data import msrvtt
+from tvr.distributed import DistInfo
+from tvr.evaluate import evaluate_samples
+from tvr.search_cli import entry_point, main
+from tvr.search_index import (
     ExactCosine,
     VideoIndex,
     bytes_per_video,
     encode_queries,
     load_search_model,
 )
-from examples.tvr.train import train
+from tvr.train import train
+
 from tests.examples._pages import assert_images_load, check_page_files
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args, tiny_clip
 
@@ -180,7 +180,7 @@ def test_exact_cosine_backend():
 @pytest.mark.slow
 def test_trained_demo_model_finds_the_captioned_video(tmp_path):
     """The demo's checkpoint, then the two documented commands: the report and a search over the test videos."""
-    from examples.tvr.demo import DemoConfig, run_demo
+    from tvr.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(n_train_videos=36, n_test_videos=12, epochs=2)
     run_demo(output_dir=str(tmp_path), seed=0, progress=False, config=cfg)
@@ -203,7 +203,7 @@ def test_trained_demo_model_finds_the_captioned_video(tmp_path):
     assert main(["search", samples[first].text, "--index", str(tmp_path / "ix"), "--top_k", "5", "--html"]) == 0
     dom = check_page_files(tmp_path / "ix" / "search.html")
     assert samples[first].video_path.name in {Path(h["path"]).name for h in dom.hits}
-    from examples.tvr.report_cli import main as report_main
+    from tvr.report_cli import main as report_main
 
     assert report_main([ckpt, "--no_progress", "--num_workers", "0"]) == 0
     page = tmp_path / "run" / "eval_test" / "report" / "report.html"

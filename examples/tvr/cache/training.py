@@ -34,7 +34,7 @@ def evaluate_cache(model: nn.Module, dataset: CachedRetrievalDataset, info: Dist
                    num_workers: int = 0, dsl: bool = False, chunk_size: int = 4096, progress: bool = True,
                    desc: str = "eval") -> Dict[str, Any]:
     """`evaluate.evaluate_samples` on a cached split: each clip's stored tokens through the head once."""
-    from ..evaluate import encode_videos, score_embeddings
+    from ..encode import encode_videos, score_embeddings
 
     video = encode_videos(model, dataset.clips(), info, batch_size=batch_size, num_workers=num_workers,
                           progress=progress, desc=f"{desc} videos")
@@ -76,7 +76,7 @@ def cached_splits(args: argparse.Namespace, model: nn.Module, info: DistInfo
 
     Raises `CacheMismatchError` when the cache was built with other settings than `args`.
     """
-    from ..evaluate import same_samples
+    from ..encode import same_samples
 
     settings = run_settings(args, model.clip)
     args.frozen_clip_weights = settings["weights"]  # recorded in checkpoints (see build.model_config)

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.base import FrameConfig, Sample, group_by_video
+from ..data.base import Sample, group_by_video
 from ..distributed import DistInfo, barrier, broadcast_object
-from ..video import load_frames
+from ..video import FrameConfig, load_frames
 from .format import (
     FORMAT,
     INDEX_NAME,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..video import VideoDecodeError, load_frames, probe_video
+from ..video import FrameConfig, VideoDecodeError, load_frames, probe_video
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -29,7 +29,6 @@ __all__ = [
     "annotation_field",
     "escapes_folder",
     "read_annotation_json",
-    "FrameConfig",
     "RetrievalDataset",
     "Sample",
     "SplitReport",
@@ -118,26 +117,6 @@ class Sample:
     start: float | None = None
     end: float | None = None
     captions: tuple[str, ...] = ()
-
-
-@dataclass
-class FrameConfig:
-    """How frames are read (see ``examples/tvr/video.py``)."""
-
-    max_frames: int  # T: frames kept per clip (zero-padded with a mask below that)
-    feature_framerate: int = 1  # frames per second read; CLIP4Clip's default and published setting
-    slice_framepos: int = 2  # above max_frames: 0 = head, 1 = tail, 2 = uniform
-    image_resolution: int = 224  # R: short side resize then R x R centre crop
-
-    def __post_init__(self) -> None:
-        if self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
-        if self.feature_framerate < 0:
-            raise ValueError(f"feature_framerate must be >= 0, got {self.feature_framerate}")
-        if self.slice_framepos not in (0, 1, 2):
-            raise ValueError(f"slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
-        if self.image_resolution < 1:
-            raise ValueError(f"image_resolution must be >= 1, got {self.image_resolution}")
 
 
 @dataclass
