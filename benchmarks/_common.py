@@ -38,8 +38,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "examples"):  # a checkout without installing the package; the pipeline as `tvr`
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 WORKER_FLAG = "--worker"
 RESULT_PREFIX = "BENCH_RESULT "
 MIB = 2**20

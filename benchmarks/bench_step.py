@@ -291,7 +291,7 @@ def _cache_read_s(batch: int, shape: Sequence[int], repeats: int, seed: int) -> 
     import numpy as np
 
     sys.path.insert(0, str(_common.REPO))
-    from examples.tvr.cache.format import open_memmap, write_safetensors
+    from tvr.cache.format import open_memmap, write_safetensors
 
     gen = torch.Generator().manual_seed(seed)
     n = 4 * batch

@@ -1,9 +1,9 @@
-"""CLIP4Clip + MUSE on DiDeMo: train, evaluate, validate the files, or (`--demo`) run the CPU demo.
+"""CLIP4Clip + MUSE on DiDeMo: train, evaluate, validate the files or build its feature cache.
 
     python examples/clip4clip_didemo.py --help
     torchrun --nproc_per_node 8 examples/clip4clip_didemo.py --do_train --data_path ... --features_path ...
 
-Run from anywhere; the pipeline lives in `examples/tvr/` (see `examples/tvr/cli.py` for every flag).
+Run from anywhere; the pipeline lives in `examples/tvr/` (see `examples/tvr/args.py` for every flag).
 """
 
 import sys

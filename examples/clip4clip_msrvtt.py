@@ -3,7 +3,7 @@
     python examples/clip4clip_msrvtt.py --help
     torchrun --nproc_per_node 8 examples/clip4clip_msrvtt.py --do_train --data_path ... --features_path ...
 
-Run from anywhere; the pipeline lives in `examples/tvr/` (see `examples/tvr/cli.py` for every flag).
+Run from anywhere; the pipeline lives in `examples/tvr/` (see `examples/tvr/args.py` for every flag).
 """
 
 import sys

@@ -27,11 +27,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make `examples` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the pipeline package `tvr` sits beside this script
 
-from examples.tvr.data.base import VIDEO_EXTENSIONS, list_video_files  # noqa: E402
-from examples.tvr.video import _CODECS, pick_codec  # noqa: E402
+from tvr.data.base import VIDEO_EXTENSIONS, list_video_files  # noqa: E402
+from tvr.video import _CODECS, pick_codec  # noqa: E402
 
 
 def output_path(src: Path, input_dir: Path, output_dir: Path) -> Path:

@@ -66,6 +66,11 @@ class AttentionMixer(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out_proj = nn.Linear(dim, dim)
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default initialisation of both projections."""
+        self.qkv.reset_parameters()
+        self.out_proj.reset_parameters()
+
     def forward(
         self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -73,6 +78,8 @@ class AttentionMixer(nn.Module):
 
         positions: `(B, P)` integer row indices: only those rows are queried and returned, `(B, P, C)`.
         """
+        if mask is not None:  # padded rows out before the projections: NaN there must not reach real rows
+            x = torch.where(mask.bool()[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.num_heads)
         if positions is not None:
             positions = check_positions(positions, x.shape[0], x.shape[1])
@@ -126,9 +133,14 @@ class ResMambaBlock(nn.Module):
             )
         self.drop = MaskDropout(dropout)
         self.proj = nn.Linear(dim, dim)
-        self.reset_parameters()
+        self._reset_residual()  # the mixer initialised itself when it was built
 
     def reset_parameters(self) -> None:
+        """The block's whole initialisation: the mixer's own, a reset norm, a zero output projection."""
+        self.mixer.reset_parameters()
+        self._reset_residual()
+
+    def _reset_residual(self) -> None:
         """Zero the output projection so the block starts as the identity; reset the norm."""
         self.norm.reset_parameters()
         nn.init.zeros_(self.proj.weight)

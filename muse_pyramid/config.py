@@ -44,7 +44,10 @@ class MUSEConfig:
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         if self.grid is not None:
-            self.grid = (int(self.grid[0]), int(self.grid[1]))
+            grid = tuple(self.grid) if isinstance(self.grid, (tuple, list)) else None
+            if grid is None or len(grid) != 2 or not all(isinstance(v, int) and v > 0 for v in grid):
+                raise ValueError(f"grid must be None or (H, W) with two positive ints, got {self.grid!r}")
+            self.grid = grid
 
     def to_dict(self) -> Dict[str, Any]:
         """A plain dict (lists for tuples) that `torch.load(weights_only=True)` and JSON accept."""

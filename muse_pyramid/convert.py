@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Union
@@ -82,13 +83,32 @@ def convert_release_state_dict(state_dict: Mapping[str, torch.Tensor]) -> tuple:
 
 
 def _load(source: Union[str, os.PathLike, Mapping[str, torch.Tensor]]) -> StateDict:
+    """A state dict from a mapping or a checkpoint file; a file that is missing, truncated or of another
+    kind raises `FileNotFoundError` / `ValueError` naming it."""
     if isinstance(source, Mapping):
         sd = dict(source)
+    elif isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, KeyError,
+                IndexError, TypeError) as err:
+            detail = " ".join(str(err).split())[:200]
+            raise ValueError(f"cannot read the checkpoint {path}: it is truncated, damaged or not a PyTorch file "
+                             f"({type(err).__name__}: {detail})") from err
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"the checkpoint {path} holds a {type(sd).__name__}, not a state dict")
     else:
-        sd = torch.load(source, map_location="cpu", weights_only=True)
+        raise TypeError(f"source must be a path or a state dict, got {type(source).__name__}")
     for wrapper in ("state_dict", "model"):
         if isinstance(sd.get(wrapper), Mapping):
             sd = dict(sd[wrapper])
+    bad = [k for k, v in sd.items() if "MS_mamba." in str(k) and not isinstance(v, torch.Tensor)]
+    if bad:
+        name = "source" if isinstance(source, Mapping) else os.fspath(source)
+        raise ValueError(f"{name} is not a state dict of tensors: {bad[:3]} hold no tensor")
     return sd
 
 

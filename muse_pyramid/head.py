@@ -9,12 +9,23 @@ L = mixer sequence length.
     sequence --ResMambaBlock x depth--> read the CLS positions --> (B, T, C)
 
 The output is a new feature per frame; `pool_video` turns them into one normalised video embedding.
+
+Host safety (the head is dropped into code it does not control):
+- padded frames get the mean of the video's real output frames: finite and non-zero whatever the
+  padding held (zeros, garbage, NaN), so a host that L2-normalises every frame before masking never
+  divides by zero, and a host that averages all T rows without a mask still gets the masked mean;
+- tokens of another floating dtype than the head's parameters (fp16 CLIP output into an fp32 head)
+  are cast to the parameters' dtype (autocast, when enabled, still chooses the compute dtype);
+- `reset_parameters()` restores the paper's initialisation, and the first training forward warns
+  (`InitOverwrittenWarning`) when a host's weight init has visibly overwritten it.
+
 Tests: `tests/test_head.py`.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,9 +41,13 @@ from .config import MUSEConfig
 from .ops import conv_backend, scan_backend
 from .pyramid import FeaturePyramid
 
-__all__ = ["MUSEHead", "pool_video"]
+__all__ = ["InitOverwrittenWarning", "MUSEHead", "pool_video"]
 
 logger = logging.getLogger(__name__)
+
+
+class InitOverwrittenWarning(UserWarning):
+    """The head's initialisation was overwritten after construction (e.g. by a host's `init_weights`)."""
 
 
 class MUSEHead(nn.Module):
@@ -96,6 +111,35 @@ class MUSEHead(nn.Module):
         self.pyramid.requires_grad_(trainable_pyramid)
         self.grad_checkpointing = False
         self._backend_logged = False
+        self._init_checked = False
+
+    def reset_parameters(self) -> None:
+        """Restore the paper's initialisation of the whole head.
+
+        Pyramid convs and norms get PyTorch's defaults; every block its mixer's own initialisation
+        (Mamba's dt, A_log, D), a reset norm and a zero output projection, so each block is the identity
+        again. Call it after a host's blanket re-initialisation (for example CLIP4Clip's
+        `self.apply(self.init_weights)`, which redraws every `nn.Linear` and zeroes its bias).
+        """
+        for module in self.pyramid.modules():
+            if module is not self.pyramid and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+        self._init_checked = False
+
+    def init_overwritten(self) -> List[str]:
+        """Names of the parameters whose values show that the initialisation was overwritten.
+
+        Mamba's `dt_proj.bias` starts at softplus^-1 of a delta in [dt_min, dt_max] (never 0); a bias that
+        is exactly zero everywhere is the mark of a blanket `nn.Linear` re-initialisation, after which
+        the state decays within a few tokens and the pyramid levels far from the CLS tokens get no
+        gradient. Reads parameter values (a host sync on an accelerator): call it once, not per step.
+        """
+        return [
+            name for name, p in self.named_parameters()
+            if name.endswith(("dt_proj.bias", "dt_proj_b.bias")) and not bool(p.detach().any())
+        ]
 
     # ------------------------------------------------------------------ config
     @property
@@ -167,9 +211,12 @@ class MUSEHead(nn.Module):
         return self._mix(seq, seq_mask), seq_mask, cls_index
 
     def forward_head(self, seq: torch.Tensor, cls_index: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Read the CLS positions out: seq `(B, L, C)`, cls_index `(B, T)` -> `(B, T, C)`, zeros on padding."""
+        """Read the CLS positions out: seq `(B, L, C)`, cls_index `(B, T)` -> `(B, T, C)`.
+
+        Padded frames (frame_mask `(B, T)` == 0) get the mean of their video's real frames, as in `forward`.
+        """
         out = seq.gather(1, cls_index[..., None].expand(-1, -1, seq.shape[-1]))
-        return self._zero_padding(out, frame_mask)
+        return self._fill_padding(out, frame_mask)
 
     def forward(self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """New per-frame features.
@@ -184,10 +231,11 @@ class MUSEHead(nn.Module):
             frame_mask: `(B, T)`, 1 on real frames, 0 on padding; None = all real.
 
         Returns:
-            `(B, T, C)` features at the CLS positions; padded frames are zero.
+            `(B, T, C)` features at the CLS positions, in the head's parameter dtype. Padded frames get
+            the mean of their video's real output frames (see the module docstring).
         """
         seq, seq_mask, cls_index = self._aggregate(tokens, frame_mask)
-        return self._zero_padding(self._mix(seq, seq_mask, cls_index), frame_mask)
+        return self._fill_padding(self._mix(seq, seq_mask, cls_index), frame_mask)
 
     def _aggregate(
         self, tokens: torch.Tensor, frame_mask: Optional[torch.Tensor]
@@ -196,10 +244,16 @@ class MUSEHead(nn.Module):
         its mask `(B, L)` or None, CLS positions `(B, T)`."""
         check_tensor("tokens", tokens, 4, "(B, T, 1+H*W, C)")
         b, t, p, c = tokens.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"tokens must hold at least one video and one frame (B, T, 1+H*W, C), got shape {tuple(tokens.shape)}")
         if c != self.dim:
             raise ValueError(f"tokens must have shape (B, T, 1+H*W, C) with C = dim = {self.dim}, got {tuple(tokens.shape)}")
         h, w = infer_grid(p - 1, self.grid)
         self._log_backend(tokens)
+        self._check_init()
+        dtype = self.blocks[0].norm.weight.dtype
+        if tokens.dtype != dtype:  # e.g. fp16 CLIP output into an fp32 head: one cast at the boundary
+            tokens = tokens.to(dtype)
         cls = tokens[:, :, 0]
         patch_map = rearrange(tokens[:, :, 1:], "b t (h w) c -> (b t) c h w", h=h, w=w)
         levels = levels_to_tokens(self.pyramid(patch_map), b)
@@ -219,11 +273,32 @@ class MUSEHead(nn.Module):
         return seq
 
     @staticmethod
-    def _zero_padding(frames: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """frames `(B, T, C)` with the rows of padded frames (frame_mask `(B, T)` == 0) set to zero."""
+    def _fill_padding(frames: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """frames `(B, T, C)` with the rows of padded frames (frame_mask `(B, T)` == 0) replaced by the
+        mean of the video's real rows (finite, independent of the padded input, no host sync)."""
         if frame_mask is None:
             return frames
-        return torch.where(frame_mask.bool()[..., None], frames, torch.zeros((), dtype=frames.dtype, device=frames.device))
+        real = frame_mask.bool()[..., None]
+        zero = torch.zeros((), dtype=frames.dtype, device=frames.device)
+        kept = torch.where(real, frames, zero)  # where, not a product: NaN in a padded row stays out
+        mean = kept.sum(dim=1, keepdim=True) / real.sum(dim=1, keepdim=True).clamp(min=1).to(frames.dtype)
+        return torch.where(real, frames, mean)
+
+    def _check_init(self) -> None:
+        """Once, at the first training forward: warn when the initialisation was overwritten."""
+        if self._init_checked or not self.training or torch.compiler.is_compiling():
+            return
+        self._init_checked = True
+        names = self.init_overwritten()
+        if names:
+            warnings.warn(
+                f"MUSEHead: {len(names)} Mamba dt_proj biases are exactly zero ({names[0]}, ...): the head's "
+                "initialisation was overwritten after construction, typically by a host applying its own "
+                "init to every nn.Linear (e.g. CLIP4Clip's self.apply(self.init_weights)). The blocks are no "
+                "longer the identity at start and the scan forgets within a few tokens. Build the head after "
+                "the host's init, or call head.reset_parameters() after it.",
+                InitOverwrittenWarning, stacklevel=3,
+            )
 
     def _log_backend(self, tokens: torch.Tensor) -> None:
         if self._backend_logged or torch.compiler.is_compiling():
@@ -251,10 +326,12 @@ def pool_video(frame_features: torch.Tensor, frame_mask: Optional[torch.Tensor] 
         frame_mask: `(B, T)`, 1 on real frames; None = all real.
 
     Returns:
-        `(B, C)` unit-norm video embeddings.
+        `(B, C)` unit-norm video embeddings (`(0, C)` for an empty batch).
     """
     check_tensor("frame_features", frame_features, 3, "(B, T, C)")
     b, t, _ = frame_features.shape
+    if t == 0:
+        raise ValueError(f"frame_features must hold at least one frame per video (B, T, C), got shape {tuple(frame_features.shape)}")
     mask = check_frame_mask(frame_mask, b, t)
     x = F.normalize(frame_features, dim=-1)
     if mask is None:

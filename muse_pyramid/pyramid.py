@@ -11,7 +11,8 @@ Per scale factor s, the `(N, C, H, W)` map goes through
     s = 0.25  MaxPool(k4 s4)
 
 then the shared tail Conv1x1(-> C), LN, GELU, Conv3x3(C -> C, pad 1), LN. LN is a LayerNorm over the
-channels of a NCHW map, computed in fp32. Tests: `tests/test_pyramid.py`.
+channels of a NCHW map, computed in fp32. The 1x1 convolution runs as a linear map over the channels
+(`PointwiseConv2d`, same parameters as `nn.Conv2d(kernel_size=1)`). Tests: `tests/test_pyramid.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from ._validate import check_choice, check_tensor
 from .config import SCALES
 
-__all__ = ["LayerNorm2d", "PyramidLevel", "FeaturePyramid"]
+__all__ = ["LayerNorm2d", "PointwiseConv2d", "PyramidLevel", "FeaturePyramid"]
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -39,6 +40,26 @@ class LayerNorm2d(nn.LayerNorm):
         bias = self.bias.float() if self.bias is not None else None
         y = F.layer_norm(y, self.normalized_shape, weight, bias, self.eps)
         return rearrange(y.to(x.dtype), "n h w c -> n c h w")
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """1x1 convolution computed as a linear map over the channels; the parameters (and their names and
+    shapes) are those of `nn.Conv2d(in_channels, out_channels, kernel_size=1)`.
+
+    Why not the convolution itself: on a channels-last input (which is what `LayerNorm2d` and the head's
+    token-to-map rearrange produce), oneDNN and cuDNN return the weight's gradient with channels-last
+    strides. For a `(C_out, C_in, 1, 1)` weight autograd keeps that gradient as it is (only size-1 dims
+    differ), and DistributedDataParallel then warns "Grad strides do not match bucket view strides" and
+    copies it every step. Here the gradient always has the weight's own contiguous strides.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: `(N, C_in, H, W)` -> `(N, C_out, H, W)` (channels-last in memory when x is)."""
+        y = F.linear(rearrange(x, "n c h w -> n h w c"), self.weight.flatten(1), self.bias)
+        return rearrange(y, "n h w c -> n c h w")
 
 
 def _resample(dim: int, scale: float) -> tuple:
@@ -71,7 +92,7 @@ class PyramidLevel(nn.Sequential):
         ops, width = _resample(dim, float(scale))
         super().__init__(
             *ops,
-            nn.Conv2d(width, dim, kernel_size=1),
+            PointwiseConv2d(width, dim),
             LayerNorm2d(dim),
             nn.GELU(),
             nn.Conv2d(dim, dim, kernel_size=3, padding=1),

@@ -3,6 +3,7 @@
 import copy
 import logging
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -100,7 +101,74 @@ def test_padded_frames_give_the_output_of_the_real_frames_alone(mode, mixer):
     for i, n in enumerate([5, 3, 1]):
         alone = head(x[i:i + 1, :n])
         torch.testing.assert_close(out[i, :n], alone[0], rtol=1e-5, atol=1e-5)
-        assert torch.count_nonzero(out[i, n:]) == 0
+        # padded rows: the mean of the real rows (finite, non-zero, whatever the padding held)
+        torch.testing.assert_close(out[i, n:], out[i, :n].mean(0).expand(5 - n, -1))
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 0.0, 1e4])
+def test_padding_content_never_reaches_any_output_row(mixer, fill):
+    """NaN, inf, zeros or huge values in padded frames: real rows exact, padded rows finite and non-zero,
+    and a host that L2-normalises every row before masking (CLIP4Clip) stays finite."""
+    head = _perturb_blocks(MUSEHead(16, depth=2, mixer=mixer, d_state=4, num_heads=2)).eval()
+    x = _tokens(2, 4, 4, 4, 16, seed=3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    ref = head(x, mask)
+    x[0, 2:] = fill
+    out = head(x, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(out).all() and (out.norm(dim=-1) > 0).all()
+    assert torch.isfinite(out / out.norm(dim=-1, keepdim=True)).all()
+
+
+def test_tokens_of_another_dtype_are_cast_to_the_heads():
+    head = _perturb_blocks(MUSEHead(16, depth=1, d_state=4)).eval()
+    x = _tokens(2, 2, 4, 4, 16).half()
+    out = head(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, head(x.float()))
+
+
+def _host_init(module):
+    """A host's blanket init, as CLIP4Clip's `init_weights`: every Linear N(0, 0.02), biases zeroed."""
+    if isinstance(module, torch.nn.Linear):
+        module.weight.data.normal_(mean=0.0, std=0.02)
+        if module.bias is not None:
+            module.bias.data.zero_()
+
+
+def test_reset_parameters_restores_the_paper_init_after_a_host_init():
+    torch.manual_seed(0)
+    head = MUSEHead(16, depth=2, d_state=4)
+    x = _tokens(2, 3, 4, 4, 16)
+    head.apply(_host_init)
+    assert len(head.init_overwritten()) == 4  # two blocks, two directions
+    assert not torch.allclose(head.eval()(x), x[:, :, 0])
+    head.reset_parameters()
+    assert head.init_overwritten() == []
+    torch.testing.assert_close(head(x), x[:, :, 0])  # the identity again
+    for blk in head.blocks:
+        assert torch.count_nonzero(blk.proj.weight) == 0
+        dt = torch.nn.functional.softplus(blk.mixer.dt_proj_b.bias)
+        assert 1e-4 <= dt.min() and dt.max() <= 0.1 + 1e-6
+        torch.testing.assert_close(blk.mixer.A_b_log[0].exp(), torch.arange(1.0, 5.0))
+
+
+def test_warns_once_at_the_first_training_forward_when_the_init_was_overwritten():
+    from muse_pyramid.head import InitOverwrittenWarning
+
+    head = MUSEHead(16, depth=1, d_state=4)
+    x = _tokens(1, 2, 4, 4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head.train()(x)  # a fresh head: no warning
+    head = MUSEHead(16, depth=1, d_state=4).apply(_host_init)
+    head.eval()(x)  # inference is not checked
+    with pytest.warns(InitOverwrittenWarning, match=r"reset_parameters\(\)"):
+        head.train()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        head(x)  # once only
 
 
 def test_batch_independence():
@@ -215,6 +283,8 @@ def test_logs_backend_once(caplog):
         (torch.randn(1, 2, 17, 16), torch.ones(1, 3), r"frame_mask must have shape \(B, T\) = \(1, 2\), got shape \(1, 3\)"),
         (torch.randn(2, 2, 17, 16), torch.tensor([[1, 1], [0, 0]]), r"no real frame for video\(s\) \[1\]"),
         (torch.randint(0, 3, (1, 2, 17, 16)), None, r"tokens must be a floating-point tensor"),
+        (torch.randn(2, 0, 17, 16), None, r"at least one video and one frame .*got shape \(2, 0, 17, 16\)"),
+        (torch.randn(0, 2, 17, 16), None, r"at least one video and one frame .*got shape \(0, 2, 17, 16\)"),
     ],
 )
 def test_bad_input(tokens, mask, match):
@@ -232,6 +302,12 @@ def test_bad_construction():
         MUSEHead(16, scales=(0.5, 3.0))
     with pytest.raises(ValueError, match=r"depth must be a positive int, got 0"):
         MUSEHead(16, depth=0)
+    for grid in [(-2, -8), (0, 4), (4,), (2.0, 8)]:
+        with pytest.raises(ValueError, match=r"grid must be None or \(H, W\) with two positive ints"):
+            MUSEHead(16, grid=grid)
+    with pytest.raises(ValueError, match=r"at least one frame per video \(B, T, C\), got shape \(2, 0, 16\)"):
+        pool_video(torch.randn(2, 0, 16))
+    assert pool_video(torch.randn(0, 3, 16)).shape == (0, 16)
     with pytest.raises(ValueError, match=r"grid=\(3, 5\) expects 1\+3\*5=16"):
         MUSEHead(16, depth=1, grid=(3, 5))(torch.randn(1, 1, 17, 16))
 
@@ -261,4 +337,4 @@ def test_padding_is_exact_on_the_portable_kernels(mode, mixer):
     out = head(x, mask)
     torch.testing.assert_close(out[1, :2], head(x[1:, :2])[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[0], head(x[:1])[0], rtol=1e-5, atol=1e-5)
-    assert torch.count_nonzero(out[1, 2:]) == 0
+    assert torch.isfinite(out).all()

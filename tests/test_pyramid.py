@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from muse_pyramid import FeaturePyramid, LayerNorm2d, PyramidLevel
+from muse_pyramid.pyramid import PointwiseConv2d
 
 
 @pytest.mark.parametrize("grid", [(7, 7), (14, 14), (24, 24), (6, 10), (7, 5)])
@@ -32,7 +33,7 @@ def test_branch_ops_follow_vitdet():
     four = PyramidLevel(dim, 4.0)
     kinds = [type(m) for m in four]
     assert kinds == [nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d,
-                     nn.Conv2d, LayerNorm2d, nn.GELU, nn.Conv2d, LayerNorm2d]
+                     PointwiseConv2d, LayerNorm2d, nn.GELU, nn.Conv2d, LayerNorm2d]
     assert four[0].out_channels == dim // 2 and four[3].out_channels == dim // 4 and four[4].in_channels == dim // 4
     two = PyramidLevel(dim, 2.0)
     assert isinstance(two[0], nn.ConvTranspose2d) and two[0].out_channels == dim // 2
@@ -41,6 +42,37 @@ def test_branch_ops_follow_vitdet():
     one = PyramidLevel(dim, 1.0)
     assert isinstance(one[0], nn.Conv2d) and one[0].kernel_size == (1, 1)
     assert one[3].kernel_size == (3, 3) and one[3].padding == (1, 1)
+
+
+def test_pointwise_conv_equals_a_1x1_convolution():
+    g = torch.Generator().manual_seed(4)
+    conv = PointwiseConv2d(6, 10)
+    assert conv.weight.shape == (10, 6, 1, 1) and conv.kernel_size == (1, 1)  # nn.Conv2d's parameters
+    x = torch.randn(2, 6, 5, 3, generator=g)
+    want = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(conv(x), want)
+    torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), want)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_have_the_parameters_strides(channels_last):
+    # DDP copies every gradient into a bucket view with its parameter's strides and warns ("Grad strides do not
+    # match bucket view strides") when they differ; a oneDNN / cuDNN 1x1 conv on a channels-last input returns
+    # its weight gradient with channels-last strides, which autograd keeps for a (C_out, C_in, 1, 1) weight.
+    # On the CPU torch takes the oneDNN path only with more than one thread.
+    g = torch.Generator().manual_seed(5)
+    pyr = FeaturePyramid(16, scales=(0.5, 1.0, 2.0, 4.0))
+    x = torch.randn(3, 16, 7, 7, generator=g)
+    if channels_last:  # what the head's token -> map rearrange gives
+        x = x.contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sum(level.square().sum() for level in pyr(x)).backward()
+    finally:
+        torch.set_num_threads(threads)
+    bad = [(n, p.stride(), p.grad.stride()) for n, p in pyr.named_parameters() if p.grad.stride() != p.stride()]
+    assert not bad
 
 
 def test_identity_branch_is_the_tail_on_the_input():

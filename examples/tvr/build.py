@@ -40,11 +40,11 @@ def data_options(args: argparse.Namespace) -> Dict[str, Any]:
     """Keyword options for the data set's `load_split` taken from the CLI flags it understands."""
     module = dataset_module(args.dataset)
     known = set(getattr(module, "DEFAULTS", {})) | set(getattr(module, "OPTIONS", ()))
-    candidates = {
-        "train_csv": args.train_csv,
-        "val_csv": args.val_csv,
+    candidates = {  # MSR-VTT's flags exist on its command line only
+        "train_csv": getattr(args, "train_csv", None),
+        "val_csv": getattr(args, "val_csv", None),
         "test_csv": getattr(args, "test_csv", None),
-        "expand_sentences": args.expand_msrvtt_sentences if args.dataset == "msrvtt" else None,
+        "expand_sentences": getattr(args, "expand_msrvtt_sentences", None) if args.dataset == "msrvtt" else None,
     }
     if args.dataset == "msrvtt":
         known.add("val_csv")
@@ -67,7 +67,7 @@ def make_tokenizer(max_words: int) -> Callable[[List[str]], torch.Tensor]:
 
 def frame_config(args: argparse.Namespace, clip: nn.Module):
     """`FrameConfig` from the flags, at CLIP's input resolution."""
-    from .data.base import FrameConfig
+    from .video import FrameConfig
 
     return FrameConfig(max_frames=args.max_frames, feature_framerate=args.feature_framerate,
                        slice_framepos=args.slice_framepos, image_resolution=clip_image_size(clip))

@@ -1,204 +1,28 @@
-"""Command line of `examples/clip4clip_<dataset>.py`: CLIP4Clip's flag names, the published defaults.
+"""Commands of `examples/clip4clip_<dataset>.py`, on the flags parsed by `args.py`.
 
-Modes (exactly one): `--do_train` (train, select on validation, test once), `--do_eval` (evaluate
-`--init_model`), `--validate` (or a leading `validate` word: count the files before spending GPU hours)
-and `--demo` (synthetic data, small random CLIP, CPU, a few minutes).
-
-Per-dataset defaults follow the published recipe (CLIP4Clip's README and MUSE's scripts); a flag given
-on the command line always wins. Flags of CLIP4Clip that have no effect here are accepted so existing
-scripts run; a non-default value of one we do not implement is an error rather than silently ignored.
+Modes (exactly one): `--do_train` (train, select on validation, test once; `--do_eval` beside it is
+accepted, as CLIP4Clip's launch lines pass both), `--do_eval` (evaluate `--init_model`), `--validate`
+(or a leading `validate` word: count the files before spending GPU hours), `--cache` and `--demo`
+(MSR-VTT only: synthetic data, small random CLIP, CPU, a few minutes). Errors are one line on stderr,
+exit status 2; tracebacks only with `--log_level DEBUG`. Under torchrun only rank 0 logs below ERROR.
 Tests: tests/examples/test_cli.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
-from muse_pyramid.config import AGGREGATIONS, MIXERS
+from .args import parse_args
 
-from .model import SIM_HEADERS
-
-__all__ = ["RECIPES", "build_parser", "parse_args", "main"]
-
-logger = logging.getLogger(__name__)
-
-_COMMON = {"batch_size_val": 16, "epochs": 5, "lr": 1e-4, "coef_lr": 1e-3, "feature_framerate": 1,
-           "slice_framepos": 2}
-#: Published settings per data set (global batch, i.e. summed over all processes).
-RECIPES: Dict[str, Dict[str, Any]] = {
-    "msrvtt": {**_COMMON, "max_words": 32, "max_frames": 12, "batch_size": 128},
-    "didemo": {**_COMMON, "max_words": 64, "max_frames": 64, "batch_size": 64},
-    "activitynet": {**_COMMON, "max_words": 64, "max_frames": 64, "batch_size": 64},
-}
-#: Default head learning-rate multiplier per video head (MUSE: x10; CLIP4Clip's seqTransf: x1).
-HEAD_LR_MULT = {"MUSE": 10.0, "seqTransf": 1.0, "meanP": 1.0}
-#: CLIP4Clip flags accepted for compatibility, with the only value we support (None: any value, ignored).
-_COMPAT = {"loose_type": None, "linear_patch": "2d", "datatype": None, "n_display": None, "local_rank": None,
-           "freeze_layer_num": 0, "train_frame_order": 0, "eval_frame_order": 0,
-           "task_type": None, "video_dim": None, "n_gpu": None, "world_size": None, "rank": None,
-           "text_num_hidden_layers": None, "visual_num_hidden_layers": None, "margin": None,
-           "hard_negative_rate": None, "negative_weighting": None, "n_pair": None, "resume_model": None,
-           "do_pretrain": None, "do_lower_case": None}
-
-
-def _floats(text: str) -> List[float]:
-    return [float(x) for x in text.replace(",", " ").split()]
-
-
-def build_parser(dataset: str) -> argparse.ArgumentParser:
-    if dataset not in RECIPES:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(RECIPES)}")
-    p = argparse.ArgumentParser(
-        prog=f"clip4clip_{dataset}.py",
-        description=f"CLIP4Clip + MUSE text-video retrieval on {dataset} (defaults: the published recipe).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    mode = p.add_argument_group("mode (choose one)")
-    mode.add_argument("--do_train", action="store_true", help="train, select on validation, test once")
-    mode.add_argument("--do_eval", action="store_true", help="evaluate --init_model on --eval_split")
-    mode.add_argument("--validate", action="store_true", help="count videos/captions/files of every split")
-    mode.add_argument("--demo", action="store_true",
-                      help="synthetic MSR-VTT-format data + small random CLIP + MUSE on CPU (a few minutes)")
-    mode.add_argument("--cache", action="store_true",
-                      help="(or a leading `cache` word) run the frozen CLIP once over every split into --cache_dir")
-
-    data = p.add_argument_group("data")
-    data.add_argument("--data_path", help="annotation folder (or MSRVTT_data.json itself)")
-    data.add_argument("--features_path", help="video folder")
-    data.add_argument("--train_csv", help="MSR-VTT training list (default MSRVTT_train.9k.csv)")
-    data.add_argument("--val_csv", help="MSR-VTT held-out csv for model selection (default: none; CLIP4Clip "
-                                        "used the test csv, which is not used for selection here)")
-    data.add_argument("--test_csv", help="MSR-VTT test csv (default MSRVTT_JSFUSION_test.csv, 1k-A)")
-    data.add_argument("--expand_msrvtt_sentences", action=argparse.BooleanOptionalAction, default=True,
-                      help="MSR-VTT: every caption is a training sample (published); --no-... draws one per video")
-    data.add_argument("--max_words", type=int)
-    data.add_argument("--max_frames", type=int)
-    data.add_argument("--feature_framerate", type=int)
-    data.add_argument("--slice_framepos", type=int, choices=(0, 1, 2))
-    data.add_argument("--skip_broken_videos", action="store_true",
-                      help="skip (and count) missing/undecodable videos instead of failing")
-    data.add_argument("--num_workers", "--num_thread_reader", dest="num_workers", type=int, default=4)
-    data.add_argument("--probe_videos", action="store_true", help="--validate: also decode every video's first frame")
-    data.add_argument("--eval_split", default="test", choices=("train", "val", "test"), help="--do_eval split")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--pretrained_clip_name", default="ViT-B/32",
-                       help="ViT-B/32, ViT-B/16 (OpenAI file in --clip_weights_dir) or a path to weights")
-    model.add_argument("--clip_weights_dir", default=os.environ.get("MUSE_PYRAMID_CLIP_DIR"),
-                       help="folder with OpenAI's ViT-B-32.pt etc. (env MUSE_PYRAMID_CLIP_DIR)")
-    model.add_argument("--random_init_clip", action="store_true", help="random CLIP weights (explicitly only)")
-    model.add_argument("--small_clip", type=json.loads, default=None,
-                       help="JSON kwargs of a small random CLIP (build_small_clip), for demos/tests")
-    model.add_argument("--sim_header", default="MUSE", choices=SIM_HEADERS)
-    model.add_argument("--muse_scales", type=_floats, default=[0.5, 1.0, 2.0], help='e.g. "0.5,1,2"')
-    model.add_argument("--muse_aggregation", default="scale_wise", choices=AGGREGATIONS)
-    model.add_argument("--muse_depth", type=int, default=4)
-    model.add_argument("--muse_mixer", default="bimamba", choices=MIXERS)
-    model.add_argument("--muse_d_state", type=int, default=16)
-    model.add_argument("--muse_dropout", type=float, default=0.1)
-    model.add_argument("--cross_num_hidden_layers", type=int, default=4, help="seqTransf layers")
-    model.add_argument("--init_model", help="weights to start from / evaluate (ours, CLIP4Clip's or MUSE's)")
-
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch_size", type=int, help="GLOBAL batch (split over processes)")
-    opt.add_argument("--batch_size_val", type=int, help="per-process evaluation batch")
-    opt.add_argument("--epochs", type=int)
-    opt.add_argument("--lr", type=float)
-    opt.add_argument("--coef_lr", type=float, help="CLIP lr = lr * coef_lr")
-    opt.add_argument("--head_lr_mult", type=float, help="head lr = lr * this (default: 10 MUSE, 1 seqTransf)")
-    opt.add_argument("--warmup_proportion", type=float, default=0.1)
-    opt.add_argument("--max_grad_norm", type=float, default=1.0)
-    opt.add_argument("--grad_accum", "--gradient_accumulation_steps", dest="grad_accum", type=int, default=1,
-                     help="micro-batches per batch (gradient caching: same loss as the full batch)")
-    opt.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="AMP on CUDA")
-    opt.add_argument("--fp16", action="store_true", help="CLIP4Clip's flag: same as --precision fp16")
-    opt.add_argument("--grad_checkpointing", action="store_true", help="activation checkpointing in CLIP")
-    opt.add_argument("--frame_chunk_size", type=int, help="encode at most this many frames per CLIP call")
-    opt.add_argument("--seed", type=int, default=42)
-
-    cache = p.add_argument_group("feature cache (frozen CLIP; see docs/reproduction.md)")
-    cache.add_argument("--cache_dir", help="--cache: where to write it; --do_train --frozen_clip / --do_eval: "
-                                           "read CLIP's token maps and text features from it (no videos needed)")
-    cache.add_argument("--frozen_clip", action="store_true",
-                       help="freeze CLIP except its logit scale: only the head and the logit scale train")
-    cache.add_argument("--cache_shard_clips", type=int, default=256, help="clips per video shard")
-    cache.add_argument("--cache_shard_texts", type=int, default=8192, help="texts per text shard")
-
-    run = p.add_argument_group("run")
-    run.add_argument("--output_dir", help=f"default runs/{dataset}_<sim_header>")
-    run.add_argument("--resume", nargs="?", const="auto",
-                     help="continue from <output_dir>/checkpoint_last.pt (or the given checkpoint)")
-    run.add_argument("--no_val", dest="do_val", action="store_false", help="no per-epoch validation")
-    run.add_argument("--no_test", dest="do_test", action="store_false", help="skip the final test evaluation")
-    run.add_argument("--dsl", action="store_true", help="also report dual-softmax re-scored numbers")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    run.add_argument("--no_progress", action="store_true", help="no progress bars")
-    run.add_argument("--log_level", default="INFO")
-
-    compat = p.add_argument_group("CLIP4Clip flags accepted for compatibility")
-    for name in _COMPAT:
-        compat.add_argument(f"--{name}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
-    p.set_defaults(dataset=dataset)
-    return p
-
-
-def _apply_compat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for name, supported in _COMPAT.items():
-        value = getattr(args, name)
-        if value is None or supported is None:
-            continue
-        if str(value) != str(supported):
-            parser.error(f"--{name} {value} is not supported here (only {supported})")
-    if args.fp16:
-        args.precision = "fp16"
-
-
-def parse_args(dataset: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse `argv` and fill unset options from `RECIPES[dataset]`; validates flag combinations."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("validate", "cache"):
-        argv = [f"--{argv[0]}"] + argv[1:]
-    parser = build_parser(dataset)
-    args = parser.parse_args(argv)
-    _apply_compat(args, parser)
-    for key, value in RECIPES[dataset].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.head_lr_mult is None:
-        args.head_lr_mult = HEAD_LR_MULT[args.sim_header]
-    modes = [m for m in ("do_train", "do_eval", "validate", "demo", "cache") if getattr(args, m)]
-    if len(modes) != 1:
-        parser.error(f"choose exactly one of --do_train, --do_eval, --validate, --demo, --cache (got {modes or 'none'})")
-    args.cache_dir = args.cache_dir or None  # CLIP4Clip scripts pass --cache_dir "" (its download cache)
-    if args.cache and not args.cache_dir:
-        parser.error("--cache needs --cache_dir (the folder to write the cache to)")
-    if args.do_train and args.cache_dir and not args.frozen_clip:
-        parser.error("training from --cache_dir needs --frozen_clip: the cache holds CLIP's outputs, so CLIP "
-                     "cannot be fine-tuned from it")
-    from_cache = bool(args.cache_dir) and (args.do_train or args.do_eval)
-    if not (args.demo or from_cache) and (not args.data_path or not args.features_path):
-        parser.error("--data_path and --features_path are required (or run --demo, or read a --cache_dir)")
-    for name in ("cache_shard_clips", "cache_shard_texts"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.output_dir is None and not args.demo:
-        args.output_dir = os.path.join("runs", f"{dataset}_{args.sim_header}")
-    if args.random_init_clip and args.small_clip is not None:
-        parser.error("--random_init_clip and --small_clip are exclusive")
-    for name in ("max_words", "max_frames", "batch_size", "batch_size_val", "epochs", "grad_accum",
-                 "muse_depth", "cross_num_hidden_layers"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    return args
+__all__ = ["entry_point", "error_line", "main"]
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    """Print the counts of every split; exit status 1 when a video is missing or undecodable."""
+    """Print the counts of every split; exit status 1 when a video is missing, undecodable or refused."""
     from .build import data_options
     from .data.validate import validate
 
@@ -206,15 +30,24 @@ def _run_validate(args: argparse.Namespace) -> int:
     for split in ("train", "val", "test"):
         result = validate(args.dataset, args.data_path, args.features_path, split, decode=args.probe_videos,
                           show=20, **data_options(args))
-        bad += result["missing"] + result.get("undecodable", 0)
+        bad += result["missing"] + result.get("undecodable", 0) + result.get("refused", 0)
     return int(bad > 0)
+
+
+def _setup_logging(level: str) -> None:
+    """`--log_level` on rank 0 (or a single process); other torchrun ranks log errors only, so that every
+    line appears once."""
+    chosen = getattr(logging, str(level).upper(), logging.INFO)
+    if int(os.environ.get("RANK", "0")) != 0:
+        chosen = max(chosen, logging.ERROR)
+    logging.basicConfig(level=chosen, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(chosen)  # also when logging was configured before (entry_point reads it)
 
 
 def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `examples/clip4clip_<dataset>.py`; returns a process exit status."""
     args = parse_args(dataset, argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.log_level)
     if args.validate:
         return _run_validate(args)
     if args.demo:
@@ -244,11 +77,30 @@ def main(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+#: Errors whose message is the whole story (file, flag, remedy); others are shown with their type name.
+_USER_ERRORS = (OSError, ValueError, FloatingPointError, KeyError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the terminal: `error: <message>` (the type name too when it is not a user-facing error)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    if not isinstance(err, _USER_ERRORS):
+        text = f"{type(err).__name__}: {text} (rerun with --log_level DEBUG for the traceback)"
+    return f"error: {text}"
+
+
 def entry_point(dataset: str, argv: Optional[Sequence[str]] = None) -> int:
-    """`main` for the command line: a missing file (data, weights, checkpoint, cache) ends the run with a
-    one-line message and exit status 2 instead of a traceback; every other error keeps its traceback."""
+    """`main` for the command line: any failure (a missing or malformed file, a bad flag combination, a
+    diverged run, a cache that does not match) ends the run with one line `error: ...` on stderr and exit
+    status 2; the traceback is printed too only with `--log_level DEBUG`."""
     try:
         return main(dataset, argv)
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 (the command line reports every failure the same way)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            import traceback
+
+            traceback.print_exc()
+        print(error_line(err), file=sys.stderr)
         return 2

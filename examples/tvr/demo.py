@@ -5,7 +5,8 @@
 2. Builds a small randomly initialised CLIP (64-wide, 2 layers per tower, 32 px frames, 16 px patches)
    with the MUSE head (bidirectional Mamba, scales 0.5 / 1 / 2, scale-wise order).
 3. Trains it with the real training loop (global-batch InfoNCE, AdamW groups, warm-up + cosine,
-   checkpoints) and evaluates the test split once, printing the retrieval table.
+   checkpoints) and evaluates the test split once, printing the retrieval table; writes the training
+   curves (`run/curves.png`) and the retrieval report (`run/report/report.html`).
 
 Nothing is pretrained, so CLIP learns at the full learning rate here (`coef_lr 1`) instead of the
 recipe's 1e-3. R@1 ends far above chance (1 / number of test clips): the demo shows learning, not
@@ -53,7 +54,9 @@ def _argv(cfg: DemoConfig, data, run_dir: Path, seed: int, progress: bool) -> li
             "--batch_size_val", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--coef_lr", "1", "--head_lr_mult", "1", "--muse_depth", str(cfg.muse_depth),
             "--muse_d_state", str(cfg.muse_d_state), "--num_workers", "0", "--device", "cpu", "--seed", str(seed),
-            "--no_val"]  # the synthetic set has no validation split: keep the last epoch, test once
+            "--no_val",  # the synthetic set has no validation split: keep the last epoch, test once
+            "--overwrite",  # the data are generated again: a rerun replaces the previous demo run
+            "--report"]  # and writes the retrieval report
     return argv + ([] if progress else ["--no_progress"])
 
 
@@ -67,7 +70,7 @@ def run_demo(output_dir: Optional[str] = None, seed: int = 42, progress: bool = 
         progress: tqdm progress bars.
         config: sizes (default `DemoConfig()`).
     """
-    from .cli import parse_args
+    from .args import parse_args
     from .data.synthetic import make_synthetic_msrvtt
     from .distributed import DistInfo
     from .train import train
@@ -86,5 +89,5 @@ def run_demo(output_dir: Optional[str] = None, seed: int = 42, progress: bool = 
     results.update(chance_r1=chance, seconds=time.time() - t0, config=dataclasses.asdict(cfg))
     r1 = results["test"]["metrics"]["t2v"]["R@1"]
     print(f"[demo] text-to-video R@1 {r1:.1f} vs chance {chance:.1f} ({r1 / chance:.1f}x) in "
-          f"{results['seconds']:.0f} s; results in {out / 'run'}", flush=True)
+          f"{results['seconds']:.0f} s; results in {out / 'run'} (curves.png, report/report.html)", flush=True)
     return results

@@ -8,18 +8,31 @@ Tie policy: pessimistic. The rank of a query's match is
 
     1 + number of non-matching candidates whose score is >= the match's score,
 
-so a tie counts against the model. With several correct candidates (video-to-text when
-a video has several captions) the best-scored correct one counts and the other correct
-ones are not competitors. Why pessimistic: a model that collapses to constant scores gets
-rank N (chance would be (N + 1) / 2) instead of a perfect R@1 under the optimistic rule,
+so a tie counts against the model. Why pessimistic: a model that collapses to constant scores
+gets rank N (chance would be (N + 1) / 2) instead of a perfect R@1 under the optimistic rule,
 and exact float ties are rare in healthy models, so honest results do not change.
 CLIP4Clip's ``compute_metrics`` miscounts ties: every candidate tied with the match adds
 one more entry to its list of ranks, so a query with k ties is counted k times (changing
 the denominator of R@K) at the k positions of the tied block.
 
-R@K and ranks are 1-based, R@K in percent. Ranks of row blocks can be computed separately
-(``t2v_ranks`` on chunks of rows) and concatenated: the result is the same as on the full
-matrix. Tests: ``tests/examples/test_metrics.py``.
+Many captions per video (MSVD's test and validation sets, ~41 each; any split where ``gt``
+repeats a video):
+
+* text-to-video: every caption is a query, ranked against the N_v distinct videos;
+* video-to-text: every video with at least one caption is a query; a hit on ANY of its
+  captions counts, so its best-scored caption is the match and its other captions are
+  never competitors. The candidates are the other videos' caption sets, each scored by its
+  best caption (``competitors="videos"``, CLIP4Clip's multi-sentence evaluation: the
+  (N_v, captions, N_v) tensor max-reduced over captions), so ranks lie in [1, N_v] and the
+  numbers compare with published ones. ``competitors="texts"`` instead ranks against every
+  caption of the other videos (ranks in [1, N_t]); R@1 is the same under both, R@5 / R@10 /
+  MdR / MnR are not. ``compute_metrics`` reports the first as ``v2t`` and, when some video
+  has several captions, the second as ``v2t_texts``. With one caption per video they agree.
+
+Non-finite similarities (NaN, inf) raise ``ValueError``: a NaN compares false with everything, so
+ranking it would give a diverged model a perfect score. R@K and ranks are 1-based, R@K in percent.
+Ranks of row blocks can be computed separately (``t2v_ranks`` on chunks of rows) and concatenated:
+the result is the same as on the full matrix. Tests: ``tests/examples/test_metrics.py``.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ __all__ = [
     "metrics_from_ranks",
     "retrieval_metrics",
     "t2v_ranks",
+    "V2T_COMPETITORS",
     "v2t_metrics",
     "v2t_ranks",
 ]
@@ -48,6 +62,15 @@ def _check(sim: Tensor, gt: Tensor | None) -> Tensor:
     if not isinstance(sim, Tensor) or sim.ndim != 2:
         raise ValueError(f"sim must be a (N_t, N_v) tensor, got {getattr(sim, 'shape', type(sim))}")
     n_t, n_v = sim.shape
+    finite = torch.isfinite(sim)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        i, j = (int(x) for x in bad[0])
+        raise ValueError(
+            f"sim holds {bad.shape[0]} non-finite values (NaN or inf; first at text {i}, video {j}: "
+            f"{float(sim[i, j])}): the embeddings are not finite, so no ranking is meaningful (a diverged "
+            "model or damaged inputs)"
+        )
     if gt is None:
         if n_t != n_v:
             raise ValueError(f"sim is {tuple(sim.shape)}: a non-square similarity needs gt (N_t,) video indices")
@@ -76,24 +99,46 @@ def t2v_ranks(sim: Tensor, gt: Tensor | None = None) -> Tensor:
     return (sim >= true).sum(dim=1)
 
 
-def v2t_ranks(sim: Tensor, gt: Tensor | None = None) -> Tensor:
+V2T_COMPETITORS = ("videos", "texts")
+
+
+def v2t_ranks(sim: Tensor, gt: Tensor | None = None, competitors: str = "videos", block: int = 1024) -> Tensor:
     """1-based pessimistic rank of the best-scored matching text for every video that has one.
 
     Args:
         sim: (N_t, N_v) similarities (the full matrix: every text competes for every video).
         gt: (N_t,) video index of each text (``None``: the diagonal).
+        competitors: ``"videos"``: each other video (with a text) competes once, with its best-scored
+            text (CLIP4Clip's multi-sentence evaluation); ``"texts"``: every text of another video
+            competes. Identical when every video has exactly one text.
+        block: videos ranked per step with ``"videos"`` (memory: block x N_v scores).
 
     Returns:
         (N_q,) int64 ranks for the videos with at least one text, in video order.
     """
     gt = _check(sim, gt)
+    if competitors not in V2T_COMPETITORS:
+        raise ValueError(f"competitors must be one of {V2T_COMPETITORS}, got {competitors!r}")
     n_t, n_v = sim.shape
+    has_text = torch.bincount(gt, minlength=n_v) > 0
     simt = sim.t()  # (N_v, N_t)
-    is_true = gt[None, :] == torch.arange(n_v, device=sim.device)[:, None]  # (N_v, N_t)
-    has_text = is_true.any(dim=1)
-    best = simt.masked_fill(~is_true, float("-inf")).amax(dim=1, keepdim=True)  # (N_v, 1)
-    ranks = 1 + ((simt >= best) & ~is_true).sum(dim=1)
-    return ranks[has_text]
+    ranks = []
+    for start in range(0, n_v, block):
+        rows = simt[start : start + block]  # (b, N_t)
+        own = torch.arange(start, start + rows.shape[0], device=sim.device)  # (b,)
+        is_true = gt[None, :] == own[:, None]  # (b, N_t)
+        best = rows.masked_fill(~is_true, float("-inf")).amax(dim=1, keepdim=True)  # (b, 1)
+        if competitors == "texts":
+            ranks.append(1 + ((rows >= best) & ~is_true).sum(dim=1))
+            continue
+        # group[i, g] = best score of video g's texts for video i: (b, N_v)
+        group = rows.new_full((rows.shape[0], n_v), float("-inf"))
+        group.scatter_reduce_(1, gt[None, :].expand(rows.shape[0], -1), rows, reduce="amax")
+        other = has_text[None, :] & (torch.arange(n_v, device=sim.device)[None, :] != own[:, None])
+        ranks.append(1 + ((group >= best) & other).sum(dim=1))
+    if not ranks:
+        return torch.empty(0, dtype=torch.long, device=sim.device)
+    return torch.cat(ranks)[has_text]
 
 
 def metrics_from_ranks(ranks: Tensor) -> dict[str, float]:
@@ -113,14 +158,19 @@ def retrieval_metrics(sim: Tensor, gt: Tensor | None = None) -> dict[str, float]
     return metrics_from_ranks(t2v_ranks(sim, gt))
 
 
-def v2t_metrics(sim: Tensor, gt: Tensor | None = None) -> dict[str, float]:
-    """Video-to-text metrics (ranking each column of ``sim`` (N_t, N_v))."""
-    return metrics_from_ranks(v2t_ranks(sim, gt))
+def v2t_metrics(sim: Tensor, gt: Tensor | None = None, competitors: str = "videos") -> dict[str, float]:
+    """Video-to-text metrics (ranking each column of ``sim`` (N_t, N_v)); ``competitors`` as ``v2t_ranks``."""
+    return metrics_from_ranks(v2t_ranks(sim, gt, competitors))
 
 
 def compute_metrics(sim: Tensor, gt: Tensor | None = None) -> dict[str, dict[str, float]]:
-    """``{"t2v": ..., "v2t": ...}`` for a (N_t, N_v) similarity."""
-    return {"t2v": retrieval_metrics(sim, gt), "v2t": v2t_metrics(sim, gt)}
+    """``{"t2v": ..., "v2t": ...}`` for a (N_t, N_v) similarity, plus ``"v2t_texts"`` (every caption a
+    candidate) when some video has several texts; see the module docstring."""
+    out = {"t2v": retrieval_metrics(sim, gt), "v2t": v2t_metrics(sim, gt)}
+    counts = torch.bincount(_check(sim, gt)) if sim.shape[0] else torch.zeros(1, dtype=torch.long)
+    if int(counts.max()) > 1:
+        out["v2t_texts"] = v2t_metrics(sim, gt, competitors="texts")
+    return out
 
 
 def chunked_similarity(text_emb: Tensor, video_emb: Tensor, chunk_size: int = 4096) -> Tensor:

@@ -251,7 +251,7 @@ class CLIP4Clip(nn.Module):
             video_mask: `(B, T)`, 1 on real frames.
 
         Returns:
-            `(B, T, D)` frame features after the head (zeros on padded frames for MUSE). Only real
+            `(B, T, D)` frame features after the head (for MUSE, padded frames hold the mean of the real ones). Only real
             frames go through CLIP.
         """
         if video.ndim not in (4, 5):

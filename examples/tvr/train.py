@@ -10,7 +10,11 @@ the last epoch is kept and the test split is still evaluated once, at the end.
 embeddings of the whole batch are computed without gradients first, the global-batch loss gives the
 gradient of every embedding, and each micro-batch is then re-run (same dropout RNG) and back-propagated
 with those embedding gradients ("gradient caching"). The result equals one pass on the whole batch.
-Tests: tests/examples/test_checkpoint.py, tests/examples/test_distributed.py, tests/examples/test_demo.py.
+Training stops (`NonFiniteError`, naming the step and epoch) on a non-finite loss or gradient, before the
+optimiser applies it, and refuses to save or select weights that are not finite. With fp16 and a
+GradScaler a non-finite gradient is the scaler's normal overflow signal: the step is skipped and counted.
+Tests: tests/examples/test_checkpoint.py, tests/examples/test_distributed.py, tests/examples/test_demo.py,
+tests/examples/test_guards.py.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import argparse
 import contextlib
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -39,38 +42,30 @@ from .build import (
 from .checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
+    PREV_NAME,
     capture_rng_state,
     load_checkpoint,
+    load_training_checkpoint,
     model_state_dict,
     restore_rng_state,
     save_atomic,
 )
+from .curves import TrainingCurves
 from .distributed import DistInfo, barrier, make_loader, per_process_batch
-from .evaluate import evaluate_samples, same_samples, write_results
+from .encode import same_samples
+from .evaluate import evaluate_samples, write_results
 from .loss import contrastive_loss
 from .model import CLIP4Clip
 from .optim import build_optimizer, build_scheduler
+from .run_guard import check_output_dir, check_resume_args, run_identity
+from .runtime import autocast_context, seed_everything
 
-__all__ = ["seed_everything", "autocast_context", "train_step", "train", "SELECTION_METRIC"]
+__all__ = ["train_step", "train", "SELECTION_METRIC", "NonFiniteError",
+           "check_finite_step", "check_finite_model"]
 
 logger = logging.getLogger(__name__)
 
 SELECTION_METRIC = ("t2v", "R@1")  # model selection on validation text-to-video R@1 (ties: R@5, R@10)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast_context(precision: str, device: torch.device):
-    """`torch.autocast` for bf16 / fp16 on CUDA; fp32 (or any CPU run) is a no-op context."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise ValueError(f"--precision {precision} (AMP) needs a CUDA device; got device {device}. Use fp32 on CPU")
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def _rng_snapshot(device: torch.device) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -146,6 +141,43 @@ def train_step(
     return loss.detach()
 
 
+class NonFiniteError(FloatingPointError):
+    """Training diverged: a loss, a gradient or a weight is NaN or infinite."""
+
+
+_REMEDY = "lower --lr, lower --max_grad_norm, or train in --precision fp32"
+
+
+def check_finite_step(loss: torch.Tensor, grad_norm: torch.Tensor, *, epoch: int, step: int, info: DistInfo,
+                      allow_grad_skip: bool = False) -> bool:
+    """Stop (NonFiniteError) on a non-finite loss or gradient norm of global step `step` (1-based).
+
+    The verdict is agreed over all processes (one scalar all-reduce) so that they all stop together.
+    With `allow_grad_skip` (fp16 with a GradScaler, whose normal overflow handling skips such steps) a
+    non-finite gradient with a finite loss returns True (the step is skipped and counted by the caller).
+    """
+    flags = torch.stack([(~torch.isfinite(loss.detach().float())).float().max(),
+                         (~torch.isfinite(grad_norm.detach().float())).float().max()])
+    if info.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad_loss, bad_grad = (bool(x) for x in flags.tolist())
+    if bad_loss or (bad_grad and not allow_grad_skip):
+        what = f"loss {float(loss):.4g}" if bad_loss else f"gradient norm {float(grad_norm):.4g}"
+        raise NonFiniteError(f"training diverged at step {step} (epoch {epoch + 1}): non-finite {what}; nothing of "
+                             f"this epoch was saved. Try: {_REMEDY}")
+    return bad_grad
+
+
+def check_finite_model(model: nn.Module, *, epoch: int) -> None:
+    """NonFiniteError naming the first non-finite weight of `model` (never saved nor selected)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"training diverged in epoch {epoch + 1}: weight {name} is not finite; it was not "
+                                 f"saved. Try: {_REMEDY}")
+
+
 def _score(metrics: Dict[str, Any]) -> Tuple[float, ...]:
     block = metrics[SELECTION_METRIC[0]]
     return tuple(float(block[k]) for k in ("R@1", "R@5", "R@10"))
@@ -166,6 +198,7 @@ def train(args: argparse.Namespace, info: DistInfo,
         `<output_dir>/results.json` by the main process).
     """
     out_dir = Path(args.output_dir)
+    check_output_dir(out_dir, args.resume, getattr(args, "overwrite", False), remove=info.is_main)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)
@@ -208,7 +241,8 @@ def train(args: argparse.Namespace, info: DistInfo,
     start_epoch, step, best, best_epoch, history = 0, 0, None, None, []
     if args.resume:
         ckpt_path = Path(args.resume) if args.resume not in ("auto", "") else out_dir / CHECKPOINT_NAME
-        ckpt = load_checkpoint(ckpt_path, map_location=info.device)
+        ckpt, ckpt_path = load_training_checkpoint(ckpt_path, map_location=info.device)
+        check_resume_args(ckpt, args, ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -230,17 +264,21 @@ def train(args: argparse.Namespace, info: DistInfo,
 
     from tqdm.auto import tqdm
 
+    curves = TrainingCurves(optimizer, out_dir, is_main=info.is_main, tensorboard=getattr(args, "tensorboard", False))
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         ddp_model.train()
-        t0, losses = time.time(), []
+        t0, losses, skipped = time.time(), [], 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main or args.no_progress,
                    leave=False, dynamic_ncols=True)
         for batch in bar:
             batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
             loss = train_step(ddp_model, batch, grad_accum=args.grad_accum, precision=args.precision, scaler=scaler)
+            curves.step(step + 1, loss)
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            skipped += check_finite_step(loss, grad_norm, epoch=epoch, step=step + 1, info=info,
+                                         allow_grad_skip=scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -251,6 +289,12 @@ def train(args: argparse.Namespace, info: DistInfo,
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         record: Dict[str, Any] = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)),
                                   "seconds": time.time() - t0, "logit_scale": float(model.logit_scale.detach().exp())}
+        if skipped:  # fp16: steps with overflowing gradients, skipped by the GradScaler
+            record["skipped_steps"] = skipped
+            if info.is_main:
+                logger.warning("epoch %d: %d of %d steps skipped (fp16 gradient overflow)", epoch + 1, skipped,
+                               len(losses))
+        check_finite_model(model, epoch=epoch)
         if select_on_val:
             val = evaluate_split("val", False)
             record["val"] = val["metrics"]
@@ -266,8 +310,10 @@ def train(args: argparse.Namespace, info: DistInfo,
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.4f}"
                   + (f", val t2v R@1 {record['val']['t2v']['R@1']:.1f}" if "val" in record else "")
                   + f" ({record['seconds']:.0f}s)", flush=True)
+        record["curve"] = curves.end_epoch(record)  # after the log line: per-step lists stay out of it
         _save_epoch(args, info, model, optimizer, scheduler, scaler, epoch, step, best, best_epoch, history,
                     improved)
+        curves.write(history)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
 
@@ -282,6 +328,11 @@ def train(args: argparse.Namespace, info: DistInfo,
         results["test"] = {k: v for k, v in test.items() if k not in ("text", "video", "gt")}
         if info.is_main:
             write_results(results, out_dir, title=f"{args.dataset} test (epoch {best_epoch + 1}, {args.sim_header})")
+            if getattr(args, "report", False):
+                from .report import write_run_report
+
+                write_run_report(args, model, "test", test, out_dir)
+    curves.finish(results)
     barrier()
     return results
 
@@ -323,12 +374,14 @@ def _save_epoch(args, info: DistInfo, model: CLIP4Clip, optimizer, scheduler, sc
         if improved:
             save_atomic({"model": weights, "model_config": cfg, "epoch": epoch, "args": _plain_args(args)},
                         Path(args.output_dir) / BEST_NAME)
+        out_dir = Path(args.output_dir)
         save_atomic({
             "model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng, "epoch": epoch, "step": step,
             "best_score": list(best) if best is not None else None, "best_epoch": best_epoch,
-            "history": history, "model_config": cfg, "args": _plain_args(args), "world_size": info.world_size,
-        }, Path(args.output_dir) / CHECKPOINT_NAME)
+            "history": history, "model_config": cfg, "args": _plain_args(args), "run_args": run_identity(args),
+            "world_size": info.world_size,
+        }, out_dir / CHECKPOINT_NAME, keep_previous=out_dir / PREV_NAME)
     barrier()
 
 

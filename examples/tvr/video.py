@@ -23,30 +23,52 @@ R = ``image_resolution``. Tests: ``tests/examples/test_video.py``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .data.base import FrameConfig
-
 __all__ = [
+    "FrameConfig",
     "CLIP_MEAN",
     "CLIP_STD",
     "VideoDecodeError",
+    "decode_frames",
     "denormalize",
     "frame_indices",
+    "frames_to_tensor",
     "load_frames",
     "pick_codec",
     "probe_video",
     "select_frames",
+    "video_duration",
     "video_fps",
     "write_video",
 ]
+
+
+@dataclass
+class FrameConfig:
+    """How frames are read: the frame rule of this module's docstring, and the crop size."""
+
+    max_frames: int  # T: frames kept per clip (zero-padded with a mask below that)
+    feature_framerate: int = 1  # frames per second read; CLIP4Clip's default and published setting
+    slice_framepos: int = 2  # above max_frames: 0 = head, 1 = tail, 2 = uniform
+    image_resolution: int = 224  # R: short side resize then R x R centre crop
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
+        if self.feature_framerate < 0:
+            raise ValueError(f"feature_framerate must be >= 0, got {self.feature_framerate}")
+        if self.slice_framepos not in (0, 1, 2):
+            raise ValueError(f"slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
+        if self.image_resolution < 1:
+            raise ValueError(f"image_resolution must be >= 1, got {self.image_resolution}")
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +244,49 @@ def _decode_selected(
     return images
 
 
+def decode_frames(
+    path: str | Path, frames: FrameConfig, start: float | None = None, end: float | None = None
+) -> np.ndarray:
+    """The frames of the frame rule that a clip keeps, as images (no normalisation, no padding).
+
+    Args:
+        path: video file.
+        frames: ``FrameConfig`` (max_frames T, feature_framerate, slice_framepos, image_resolution R).
+        start, end: clip bounds in seconds (see ``frame_indices``); ``None`` = whole video.
+
+    Returns:
+        ``(n, R, R, 3)`` uint8 RGB, ``1 <= n <= T``: exactly the frames ``load_frames`` feeds the model
+        (``frames_to_tensor`` turns them into its input), e.g. for thumbnails from the same decode.
+
+    Raises:
+        VideoDecodeError: the file is missing, cannot be opened, or yields no frame.
+    """
+    path = Path(path)
+    stop_after = frames.max_frames if frames.slice_framepos == 0 else None  # the head needs no more frames
+    images = _decode_selected(path, frames, start, end, stop_after)
+    keep = select_frames(len(images), frames.max_frames, frames.slice_framepos)
+    return np.stack([images[k] for k in keep])
+
+
+def frames_to_tensor(images: np.ndarray, max_frames: int) -> tuple[Tensor, Tensor]:
+    """``(n, R, R, 3)`` uint8 images (``n <= max_frames``) -> the model's input ``(video, video_mask)``.
+
+    Returns ``video`` (T, 3, R, R) float32, CLIP-normalised, zero on padded frames, and ``video_mask``
+    (T,) int64, 1 on the ``n`` real frames (which come first), with T = ``max_frames``.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3 or not 1 <= images.shape[0] <= max_frames:
+        raise ValueError(f"images must be (n, R, R, 3) with 1 <= n <= max_frames={max_frames}, got {images.shape}")
+    n, R = images.shape[0], images.shape[1]
+    clip = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    video = torch.zeros(max_frames, 3, R, R)
+    video[:n] = (clip - mean) / std
+    mask = torch.zeros(max_frames, dtype=torch.long)
+    mask[:n] = 1
+    return video, mask
+
+
 def load_frames(
     path: str | Path, frames: FrameConfig, start: float | None = None, end: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -239,20 +304,23 @@ def load_frames(
     Raises:
         VideoDecodeError: the file is missing, cannot be opened, or yields no frame.
     """
-    path = Path(path)
-    T, R = frames.max_frames, frames.image_resolution
-    stop_after = T if frames.slice_framepos == 0 else None  # the head needs no more frames
-    images = _decode_selected(path, frames, start, end, stop_after)
-    keep = select_frames(len(images), T, frames.slice_framepos)
-    clip = torch.from_numpy(np.stack([images[k] for k in keep]))  # (n, R, R, 3) uint8
-    clip = clip.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    video = torch.zeros(T, 3, R, R)
-    video[: len(keep)] = (clip - mean) / std
-    mask = torch.zeros(T, dtype=torch.long)
-    mask[: len(keep)] = 1
-    return video, mask
+    return frames_to_tensor(decode_frames(path, frames, start, end), frames.max_frames)
+
+
+def video_duration(path: str | Path) -> float | None:
+    """Duration of ``path`` in seconds from the container header (no frame is decoded); None if unknown."""
+    av = _import_av()
+    try:
+        with av.open(str(path)) as container:
+            if container.duration is not None:
+                return container.duration / 1_000_000  # av.time_base
+            if container.streams.video:
+                stream = container.streams.video[0]
+                if stream.duration is not None and stream.time_base is not None:
+                    return float(stream.duration * stream.time_base)
+    except av.FFmpegError as err:
+        raise VideoDecodeError(path, f"{type(err).__name__}: {err}") from err
+    return None
 
 
 def probe_video(path: str | Path) -> str | None:

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-
-from examples.tvr.cli import parse_args
-from examples.tvr.model import CLIP4Clip, build_model, build_small_clip
+from tvr.args import parse_args
+from tvr.model import CLIP4Clip, build_model, build_small_clip
 
 #: A CLIP small enough for a CPU test: 16 px images, 8 px patches (2 x 2 grid), one 64-wide layer per tower.
 TINY_CLIP = {"embed_dim": 32, "image_size": 16, "patch_size": 8, "vision_width": 64, "vision_layers": 1,
@@ -45,7 +44,7 @@ def random_batch(gen: torch.Generator, batch: int = 4, frames: int = 3, words: i
 
 
 def make_tiny_msrvtt(root: Path, n_train: int = 12, n_test: int = 6, seed: int = 0):
-    from examples.tvr.data.synthetic import make_synthetic_msrvtt
+    from tvr.data.synthetic import make_synthetic_msrvtt
 
     return make_synthetic_msrvtt(root, n_train_videos=n_train, n_test_videos=n_test, seconds=3, fps=2, size=16,
                                  seed=seed, captions_per_video=2)
@@ -66,8 +65,7 @@ def ddp_grad_worker(rank: int, world: int, init_file: str, out_dir: str, seed: i
     grad_accum 1 and 2; writes the loss and every parameter gradient to `<out_dir>/rank<r>.pt`."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
-
-    from examples.tvr.train import train_step
+    from tvr.train import train_step
 
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

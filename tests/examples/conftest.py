@@ -1,8 +1,8 @@
-"""Put the repository root on sys.path so tests can import ``examples.tvr`` (not an installed package)."""
+"""Put `examples/` on sys.path so tests import the pipeline as `tvr`, the one name its scripts use."""
 
 import sys
 from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_EXAMPLES = str(Path(__file__).resolve().parents[2] / "examples")
+if _EXAMPLES not in sys.path:
+    sys.path.insert(0, _EXAMPLES)

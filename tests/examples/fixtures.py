@@ -1,4 +1,4 @@
-"""Tiny copies of the three benchmarks in their exact file formats, with awkward cases.
+"""Tiny copies of the five benchmarks in their exact file formats, with awkward cases.
 
 Every frame carries its own index as a 4 x 4 bar code (16 bits, black/white cells) in the
 central square of the frame, which survives compression, resizing and the centre crop:
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-
-from examples.tvr.video import denormalize, write_video
+from tvr.video import denormalize, write_video
 
 GRID = 4  # bar code: GRID x GRID cells, one bit each
 LOW, HIGH, BACKGROUND = 16, 235, 128
@@ -251,3 +250,106 @@ def fake_tokenize(max_words: int = 8):
         return out
 
     return tokenize
+
+
+def make_msvd_fixture(root: str | Path) -> FixtureSet:
+    """MSVD layout (CLIP4Clip's ``msvd_data.zip``): ``raw-captions.pkl``, ``{train,val,test}_list.txt``,
+    videos ``root/MSVD_Videos/YouTubeClips/<id>.avi``; 3 s at 2 fps (6 frames) each.
+
+    Awkward cases: ``-4wsuPCjDBc_5_15`` starts with a dash; ``mv.89_1_2`` has a dot in its id;
+    ``ñandú_0_4`` has a non-ASCII id; captions are word lists (one is a plain string), some
+    non-ASCII; ``gone_1_2`` (train) has captions but no file; ``nocap_3_4`` (train) is listed
+    without captions; ``unlisted_9_9`` has captions and a file but is in no list; a ``notes.txt``
+    sits among the videos. Test videos have 3, 1 and 4 captions (many captions per video).
+    """
+    import pickle
+
+    root = Path(root)
+    videos = root / "MSVD_Videos" / "YouTubeClips"
+    on_disk = ["-4wsuPCjDBc_5_15", "0lh_UWF9ZP4_62_69", "mv.89_1_2", "ñandú_0_4", "val_vid_0_5", "t1_0_3",
+               "t2_1_4", "t3_2_6", "unlisted_9_9"]
+    for vid in on_disk:
+        write_indexed_video(videos / f"{vid}.avi", 6, 2)
+    (videos / "notes.txt").write_text("not a video\n", encoding="utf-8")
+    captions = {
+        "-4wsuPCjDBc_5_15": [["a", "man", "plays", "a", "guitar"], ["a", "café", "concert"], ["música", "en", "vivo"]],
+        "0lh_UWF9ZP4_62_69": [["a", "dog", "swims"], ["the", "dog", "is", "in", "water"]],
+        "mv.89_1_2": [["someone", "slices", "an", "onion"]],
+        "ñandú_0_4": [["a", "bird", "runs"], ["ein", "vogel", "läuft", "schnell"]],
+        "gone_1_2": [["never", "on", "disk"]],
+        "nocap_3_4": [],
+        "val_vid_0_5": [["a", "cat", "jumps"], ["the", "cat", "leaps"]],
+        "t1_0_3": [["a", "woman", "sings"], ["she", "sings", "a", "song"], ["chanson", "française"]],
+        "t2_1_4": "a plain string caption",
+        "t3_2_6": [["cars", "race"], ["a", "race"], ["fast", "cars"], ["vroom"]],
+        "unlisted_9_9": [["not", "in", "a", "list"]],
+    }
+    captions["t2_1_4"] = [captions["t2_1_4"]]
+    with open(root / "raw-captions.pkl", "wb") as f:
+        pickle.dump(captions, f)
+    lists = {
+        "train": ["-4wsuPCjDBc_5_15", "0lh_UWF9ZP4_62_69", "mv.89_1_2", "ñandú_0_4", "gone_1_2", "nocap_3_4"],
+        "val": ["val_vid_0_5"],
+        "test": ["t1_0_3", "t2_1_4", "t3_2_6"],
+    }
+    for split, ids in lists.items():
+        (root / f"{split}_list.txt").write_text("\n".join(ids) + "\n\n", encoding="utf-8")
+    expected = {
+        "train": {"videos": 5, "captions": 9, "found": 4, "missing": ["gone_1_2"], "unmatched": ["nocap_3_4"],
+                  "text": {"-4wsuPCjDBc_5_15": ["a man plays a guitar", "a café concert", "música en vivo"]}},
+        "val": {"videos": 1, "captions": 2, "found": 1},
+        "test": {"videos": 3, "captions": 8, "found": 3, "per_video": [3, 1, 4]},
+    }
+    return FixtureSet(root, root / "MSVD_Videos", expected)
+
+
+LSMDC_CLIPS = {
+    "ab": "0001_American_Beauty_00.00.51.926-00.00.54.129",
+    "ab2": "0001_American_Beauty_00.01.02.000-00.01.05.500",
+    "amelie": "0002_Amélie_00.00.10.000-00.00.12.000",
+    "gone": "0003_Missing_Movie_00.00.01.000-00.00.02.000",
+    "val1": "1004_Juno_00.00.20.100-00.00.22.900",
+    "val2": "1004_Juno_00.00.30.000-00.00.31.000",
+    "test1": "3001_21_JUMP_STREET_00.00.10.000-00.00.12.000",
+    "test2": "3001_21_JUMP_STREET_00.00.20.000-00.00.22.000",
+    "test3": "3002_30_MINUTES_OR_LESS_00.00.05.000-00.00.07.000",
+}
+
+
+def make_lsmdc_fixture(root: str | Path) -> FixtureSet:
+    """LSMDC layout: the three tab-separated csv files, clips ``root/LSMDC_Videos/<movie>/<clip_id>.avi``,
+    3 s at 2 fps each.
+
+    Awkward cases: clip ids with dots and dashes; ``0001_American_Beauty_00.00.51.926-...`` has two
+    sentences; a sentence holds a tab; a non-ASCII movie name and sentences; ``0003_Missing_Movie_...``
+    is listed but not on disk; CRLF line endings and a blank last line in the training file.
+    """
+    root = Path(root)
+    videos = root / "LSMDC_Videos"
+    for key, clip in LSMDC_CLIPS.items():
+        if key != "gone":
+            movie = clip.rsplit("_", 1)[0]
+            write_indexed_video(videos / movie / f"{clip}.avi", 6, 2)
+
+    def line(key: str, sentence: str) -> str:
+        times = "\t".join(["00.00.01.000", "00.00.02.000", "00.00.00.900", "00.00.02.100"])
+        return f"{LSMDC_CLIPS[key]}\t{times}\t{sentence}"
+
+    train = [line("ab", "SOMEONE looks at the café."), line("ab2", "He walks away\twith a tab."),
+             line("ab", "SOMEONE smiles."), line("amelie", "SOMEONE sourit à la caméra."),
+             line("gone", "Never on disk.")]
+    (root).mkdir(parents=True, exist_ok=True)
+    (root / "LSMDC16_annos_training.csv").write_bytes(("\r\n".join(train) + "\r\n\r\n").encode("utf-8"))
+    (root / "LSMDC16_annos_val.csv").write_text(
+        "\n".join([line("val1", "SOMEONE opens a door."), line("val2", "A car drives by.")]) + "\n", encoding="utf-8")
+    (root / "LSMDC16_challenge_1000_publictect.csv").write_text(
+        "\n".join([line("test1", "Two officers run."), line("test2", "SOMEONE laughs."),
+                   line("test3", "A pizza is delivered.")]) + "\n", encoding="utf-8")
+    expected = {
+        "train": {"videos": 4, "captions": 5, "found": 3, "missing": [LSMDC_CLIPS["gone"]],
+                  "texts": ["SOMEONE looks at the café.", "He walks away\twith a tab.", "SOMEONE smiles.",
+                            "SOMEONE sourit à la caméra.", "Never on disk."]},
+        "val": {"videos": 2, "captions": 2, "found": 2},
+        "test": {"videos": 3, "captions": 3, "found": 3},
+    }
+    return FixtureSet(root, videos, expected)

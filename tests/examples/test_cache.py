@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from examples.tvr.cache import (
+from tvr.cache import (
     CachedRetrievalDataset,
     CacheMismatchError,
     build_cache,
@@ -20,10 +19,17 @@ from examples.tvr.cache import (
     expected_bytes,
     load_manifest,
 )
-from examples.tvr.cache.format import open_memmap, read_header, sha256_file, write_safetensors
-from examples.tvr.cache.writer import frame_settings
-from examples.tvr.data import FrameConfig, RetrievalDataset, msrvtt
-from examples.tvr.distributed import DistInfo
+from tvr.cache.format import (
+    CacheShardError,
+    open_memmap,
+    read_header,
+    sha256_file,
+    write_safetensors,
+)
+from tvr.cache.writer import frame_settings
+from tvr.data import FrameConfig, RetrievalDataset, msrvtt
+from tvr.distributed import DistInfo
+
 from tests.examples.fixtures import make_msrvtt_fixture
 
 pytest.importorskip("open_clip")
@@ -38,7 +44,7 @@ SHARDS = {"shard_clips": 2, "shard_texts": 4, "batch_size": 1, "progress": False
 
 
 def small_clip(seed: int = 0):
-    from examples.tvr.model import build_small_clip
+    from tvr.model import build_small_clip
 
     torch.manual_seed(seed)
     return build_small_clip(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=1,
@@ -210,7 +216,10 @@ def test_settings_mismatch_raises_naming_fields(data, tmp_path):
         CachedRetrievalDataset(tmp_path, "train")
     victim = tmp_path / "test" / "videos-00000.safetensors"
     victim.write_bytes(victim.read_bytes()[:-10])
-    with pytest.raises(FileNotFoundError, match="missing or damaged"):
+    with pytest.raises(CacheShardError, match="videos-00000.safetensors is missing or damaged"):
+        CachedRetrievalDataset(tmp_path, "test")
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="videos-00000.safetensors is missing"):
         CachedRetrievalDataset(tmp_path, "test")
 
 

@@ -12,21 +12,23 @@ import json
 
 import pytest
 import torch
-
-import muse_pyramid.backbones as backbones
-from examples.tvr.cache import (
+from tvr.args import parse_args
+from tvr.cache import (
     CachedRetrievalDataset,
     CacheMismatchError,
     build_cache_from_args,
     load_manifest,
 )
-from examples.tvr.cache.training import evaluate_cache
-from examples.tvr.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from examples.tvr.cli import main, parse_args
-from examples.tvr.distributed import DistInfo
-from examples.tvr.evaluate import evaluate_samples, run_eval
-from examples.tvr.model import CLIP4Clip
-from examples.tvr.train import seed_everything, train
+from tvr.cache.training import evaluate_cache
+from tvr.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from tvr.cli import main
+from tvr.distributed import DistInfo
+from tvr.evaluate import evaluate_samples, run_eval
+from tvr.model import CLIP4Clip
+from tvr.runtime import seed_everything
+from tvr.train import train
+
+import muse_pyramid.backbones as backbones
 from tests.examples._pipeline_utils import TINY_CLIP, make_tiny_msrvtt, tiny_args
 
 pytest.importorskip("open_clip")
@@ -87,7 +89,7 @@ def test_training_from_cache_equals_online_frozen_clip(data, cache_dir, tmp_path
     a, b = _final_state(tmp_path / "online"), _final_state(tmp_path / "cached")
     # CLIP is frozen in both (bit-identical to its initialisation), the logit scale and the head trained
     start = tiny_args(data, tmp_path / "x")
-    from examples.tvr.build import build_model_from_args
+    from tvr.build import build_model_from_args
 
     seed_everything(start.seed)
     init = build_model_from_args(start).state_dict()
@@ -115,7 +117,7 @@ def test_training_from_cache_is_within_fp16_of_fp32_online(data, cache_dir, tmp_
 
 
 def test_evaluation_from_cache_equals_online(data, cache_dir, tmp_path, tolerances):
-    from examples.tvr.build import build_model_from_args, frame_config, load_samples, make_tokenizer
+    from tvr.build import build_model_from_args, frame_config, load_samples, make_tokenizer
 
     args = tiny_args(data, tmp_path, mode="--do_eval")
     seed_everything(args.seed)  # the CLIP the cache was built with (random-init:<seed>)

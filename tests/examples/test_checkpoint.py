@@ -5,8 +5,7 @@ import random
 import numpy as np
 import pytest
 import torch
-
-from examples.tvr.checkpoint import (
+from tvr.checkpoint import (
     BEST_NAME,
     CHECKPOINT_NAME,
     capture_rng_state,
@@ -14,8 +13,9 @@ from examples.tvr.checkpoint import (
     restore_rng_state,
     save_atomic,
 )
-from examples.tvr.distributed import DistInfo
-from examples.tvr.train import train
+from tvr.distributed import DistInfo
+from tvr.train import train
+
 from tests.examples._pipeline_utils import make_tiny_msrvtt, tiny_args
 
 

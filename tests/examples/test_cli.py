@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tvr.args import RECIPES, build_parser, parse_args
+from tvr.cli import entry_point, main
 
-from examples.tvr.cli import RECIPES, entry_point, main, parse_args
 from tests.examples._pipeline_utils import make_tiny_msrvtt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,7 +15,8 @@ DATA = ["--data_path", "/data/msrvtt", "--features_path", "/data/msrvtt/videos"]
 
 
 @pytest.mark.parametrize("dataset,frames,words,batch", [("msrvtt", 12, 32, 128), ("didemo", 64, 64, 64),
-                                                         ("activitynet", 64, 64, 64)])
+                                                         ("activitynet", 64, 64, 64), ("msvd", 12, 32, 128),
+                                                         ("lsmdc", 12, 32, 128)])
 def test_published_defaults(dataset, frames, words, batch):
     args = parse_args(dataset, ["--do_train", *DATA])
     assert (args.max_frames, args.max_words, args.batch_size) == (frames, words, batch)
@@ -50,12 +52,12 @@ def test_flags_override_recipe_and_muse_options():
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--do_train", "--do_eval", *DATA], "exactly one"),
+    (["--do_train", "--validate", *DATA], "exactly one"),
     ([*DATA], "exactly one"),
     (["--do_train"], "--data_path and --features_path"),
     (["--do_train", *DATA, "--freeze_layer_num", "6"], "freeze_layer_num 6 is not supported"),
     (["--do_train", *DATA, "--muse_mixer", "lstm"], "invalid choice"),
-    (["--do_train", *DATA, "--epochs", "0"], "--epochs must be >= 1"),
+    (["--do_train", *DATA, "--epochs", "0"], "--epochs must be an integer >= 1"),
 ])
 def test_bad_command_lines_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -94,7 +96,81 @@ def test_validate_mode_prints_counts(tmp_path, capsys):
                            str(data.features_path)]) == 1
 
 
-@pytest.mark.parametrize("dataset", ["msrvtt", "didemo", "activitynet"])
+DATASETS = ["msrvtt", "didemo", "activitynet", "msvd", "lsmdc"]
+
+
+def _help_by_flag(dataset: str) -> tuple:
+    """`--help` as printed, and each flag's entry (its lines joined) keyed by the flag."""
+    text = build_parser(dataset).format_help()
+    entries: dict = {}
+    flag = None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line.strip()
+        elif flag and line.startswith("    "):
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return text, entries
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_help_shows_the_real_defaults(dataset):
+    text, lines = _help_by_flag(dataset)
+    assert "(default: None)" not in " ".join(text.split()) and "(default: False)" not in text
+    for flag in ("--no_val", "--no_test", "--do_train", "--dsl"):
+        assert "(default: True)" not in lines[flag] and "(default: False)" not in lines[flag], lines[flag]
+    recipe = RECIPES[dataset]
+    for key in ("max_words", "max_frames", "batch_size", "epochs", "batch_size_val"):
+        assert f"(default: {recipe[key]})" in lines[f"--{key}"], lines[f"--{key}"]
+    assert "(default: runs/" in lines["--output_dir"] and "(default: 10 for MUSE" in lines["--head_lr_mult"]
+    assert ("--train_csv" in lines) == (dataset == "msrvtt")
+    if dataset != "msrvtt":
+        assert "MSR-VTT only" in lines["--demo"]
+
+
+@pytest.mark.parametrize("dataset", ["didemo", "activitynet", "msvd", "lsmdc"])
+@pytest.mark.parametrize("flag", ["--train_csv", "--val_csv=x.csv", "--test_csv", "--expand_msrvtt_sentences",
+                                  "--no-expand_msrvtt_sentences"])
+def test_flags_of_another_data_set_are_rejected_in_one_line(dataset, flag, capsys):
+    argv = ["--do_train", *DATA, flag] + (["x.csv"] if flag.endswith("csv") else [])
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(dataset, argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"{flag.split('=')[0]} does not apply to" in err and "MSR-VTT" in err
+
+
+def test_datatype_must_match_the_script_and_demo_is_msrvtt_only(capsys):
+    assert parse_args("lsmdc", ["--do_train", *DATA, "--datatype", "lsmdc"]).dataset == "lsmdc"
+    assert parse_args("activitynet", ["--do_train", *DATA, "--datatype", "activity"]).dataset == "activitynet"
+    with pytest.raises(SystemExit):
+        parse_args("msvd", ["--do_train", *DATA, "--datatype", "msrvtt"])
+    assert "--datatype msrvtt does not match this script" in capsys.readouterr().err
+    for dataset in ("didemo", "msvd"):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(dataset, ["--demo"])
+        assert exit_info.value.code == 2 and "--demo exists for MSR-VTT only" in capsys.readouterr().err
+    assert parse_args("msrvtt", ["--demo"]).demo
+
+
+def test_demo_refuses_the_flags_it_would_ignore(capsys):
+    args = parse_args("msrvtt", ["--demo", "--output_dir", "x", "--seed=3", "--no_progress"])
+    assert args.demo and args.seed == 3
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args("msrvtt", ["--demo", "--lr", "1e4", "--epochs=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--demo runs a fixed recipe" in err and "got --epochs, --lr" in err
+
+
+def test_do_train_with_do_eval_trains():
+    args = parse_args("msvd", ["--do_train", "--do_eval", *DATA])
+    assert args.do_train and not args.do_eval
+    assert parse_args("msvd", ["--do_eval", *DATA]).do_eval
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
 def test_entry_points_run(dataset, monkeypatch, capsys):
     script = ROOT / "examples" / f"clip4clip_{dataset}.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--help"])

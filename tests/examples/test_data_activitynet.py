@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tvr.data import FrameConfig, RetrievalDataset, activitynet
 
-from examples.tvr.data import FrameConfig, RetrievalDataset, activitynet
 from tests.examples.fixtures import fake_tokenize, make_activitynet_fixture, read_barcodes
 
 

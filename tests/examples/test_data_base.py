@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tvr.data import FrameConfig, RetrievalDataset, Sample, group_by_video, msrvtt
+from tvr.video import VideoDecodeError
 
-from examples.tvr.data import FrameConfig, RetrievalDataset, Sample, group_by_video, msrvtt
-from examples.tvr.video import VideoDecodeError
 from tests.examples.fixtures import fake_tokenize, make_msrvtt_fixture, read_barcodes
 
 FRAMES = FrameConfig(max_frames=4, image_resolution=32)

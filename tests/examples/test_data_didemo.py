@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tvr.data import FrameConfig, RetrievalDataset, didemo
 
-from examples.tvr.data import FrameConfig, RetrievalDataset, didemo
 from tests.examples.fixtures import fake_tokenize, make_didemo_fixture, read_barcodes
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from tvr.data import DATASETS, msrvtt
 
-from examples.tvr.data import DATASETS, msrvtt
 from tests.examples.fixtures import make_msrvtt_fixture
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from preprocess_videos import main, output_path, preprocess, scaled_size
+from tvr.video import FrameConfig, load_frames, video_fps
 
-from examples.preprocess_videos import main, output_path, preprocess, scaled_size
-from examples.tvr.data.base import FrameConfig
-from examples.tvr.video import load_frames, video_fps
 from tests.examples.fixtures import read_barcodes, write_corrupt_video, write_indexed_video
 
 av = pytest.importorskip("av")

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from examples.tvr.data import FrameConfig, RetrievalDataset, msrvtt
-from examples.tvr.data.synthetic import (
+from tvr.data import FrameConfig, RetrievalDataset, msrvtt
+from tvr.data.synthetic import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
@@ -18,7 +17,8 @@ from examples.tvr.data.synthetic import (
     make_synthetic_msrvtt,
     render_clip,
 )
-from examples.tvr.video import denormalize
+from tvr.video import denormalize
+
 from tests.examples.fixtures import fake_tokenize
 
 

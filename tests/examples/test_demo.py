@@ -1,7 +1,7 @@
 """The CPU demo end to end (examples/tvr/demo.py), reduced but real: it must learn, not only run."""
 
-from examples.tvr.checkpoint import CHECKPOINT_NAME
-from examples.tvr.demo import DemoConfig, run_demo
+from tvr.checkpoint import CHECKPOINT_NAME
+from tvr.demo import DemoConfig, run_demo
 
 
 def test_demo_learns_far_above_chance(tmp_path, capsys):

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from examples.tvr.loss import contrastive_loss, gather_with_grad, symmetric_infonce
+from tvr.loss import contrastive_loss, gather_with_grad, symmetric_infonce
 
 
 def _reference(text: torch.Tensor, video: torch.Tensor, logit_scale: float) -> torch.Tensor:

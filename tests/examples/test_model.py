@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tvr.model import SIM_HEADERS, SeqTransfHead, build_clip, build_model, build_small_clip
 
-from examples.tvr.model import SIM_HEADERS, SeqTransfHead, build_clip, build_model, build_small_clip
 from muse_pyramid import MUSEHead
 from muse_pyramid.backbones import open_clip_tokens
 from tests.examples._pipeline_utils import TINY_CLIP, random_batch, tiny_clip, tiny_model
@@ -130,7 +130,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_amp_needs_cuda():
-    from examples.tvr.train import autocast_context
+    from tvr.runtime import autocast_context
 
     with pytest.raises(ValueError, match="--precision bf16"):
         autocast_context("bf16", torch.device("cpu"))

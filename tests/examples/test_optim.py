@@ -5,8 +5,7 @@ import math
 
 import pytest
 import torch
-
-from examples.tvr.optim import (
+from tvr.optim import (
     ADAM_BETAS,
     ADAM_EPS,
     WarmupCosine,
@@ -14,6 +13,7 @@ from examples.tvr.optim import (
     build_param_groups,
     build_scheduler,
 )
+
 from tests.examples._pipeline_utils import tiny_model
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from examples.tvr.data.base import FrameConfig
-from examples.tvr.video import (
+from tvr.video import (
     CLIP_MEAN,
     CLIP_STD,
+    FrameConfig,
     VideoDecodeError,
     _to_clip_uint8,
     frame_indices,
@@ -19,6 +18,7 @@ from examples.tvr.video import (
     video_fps,
     write_video,
 )
+
 from tests.examples.fixtures import barcode_frames, read_barcodes, write_corrupt_video, write_indexed_video
 
 av = pytest.importorskip("av")

@@ -2,7 +2,9 @@
 
 `CachedRetrievalDataset` is the cached twin of `RetrievalDataset`: same items in the same order, same
 random caption draw (one `torch.randint` per access when a sample holds several captions), but the
-frames are replaced by the clip's stored token maps and the text by its stored CLIP feature.
+frames are replaced by the clip's stored token maps and the text by its stored CLIP feature. With
+`verify=True` (`--verify_cache`) every shard of the split is checked against the sha256 recorded in the
+manifest before anything is read; any failure to read a shard names the shard.
 Shape letters: T frames, P = 1+H*W tokens per frame, D embedding width, L = max_words.
 Tests: tests/examples/test_cache.py.
 """
@@ -22,10 +24,12 @@ from .format import (
     FORMAT,
     MANIFEST_NAME,
     CacheMismatchError,
+    CacheShardError,
     format_diff,
     open_memmap,
     read_json,
     settings_diff,
+    sha256_file,
 )
 from .writer import samples_from_index
 
@@ -45,8 +49,12 @@ def load_manifest(cache_dir: str | Path) -> Dict[str, Any]:
         raise FileNotFoundError(f"no cache at {cache_dir}: {path} does not exist; build it first with the "
                                 "cache command (see docs/reproduction.md)")
     manifest = read_json(path)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} is not a cache manifest (a JSON {type(manifest).__name__}, not an object)")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("splits"), dict) or not isinstance(manifest.get("settings", {}), dict):
+        raise ValueError(f"{path} is damaged: 'splits' / 'settings' are not JSON objects; rerun the cache command")
     return manifest
 
 
@@ -61,24 +69,47 @@ def check_settings(manifest: Mapping[str, Any], run: Mapping[str, Any], *, cache
         )
 
 
-def _split_entry(manifest: Mapping[str, Any], split: str, cache_dir: Path) -> Tuple[str, Dict[str, Any]]:
+_ENTRY_FIELDS = {"video_shards": list, "text_shards": list, "shard_clips": int, "shard_texts": int, "n_clips": int,
+                 "index": str}
+
+
+def _split_entry(manifest: Mapping[str, Any], split: str, cache_dir: Path,
+                 verify: bool = False) -> Tuple[str, Dict[str, Any]]:
     splits = manifest.get("splits", {})
+    where = Path(cache_dir) / MANIFEST_NAME
     seen = []
-    while split in splits and "alias" in splits[split] and split not in seen:
+    while isinstance(splits.get(split), dict) and "alias" in splits[split] and split not in seen:
         seen.append(split)
         split = splits[split]["alias"]
     entry = splits.get(split)
-    if entry is None or not entry.get("complete"):
-        have = sorted(k for k, v in splits.items() if v.get("complete"))
+    if not isinstance(entry, dict) or not entry.get("complete"):
+        have = sorted(k for k, v in splits.items() if isinstance(v, dict) and v.get("complete"))
         raise FileNotFoundError(f"the cache {cache_dir} holds no complete {split!r} split (complete: {have}); "
                                 "run the cache command for it")
+    for name, kind in _ENTRY_FIELDS.items():
+        if not isinstance(entry.get(name), kind) or (kind is int and entry[name] < 1):
+            raise ValueError(f"{where} is damaged: split {split!r} field {name!r} is {entry.get(name)!r:.60}; "
+                             "rerun the cache command")
     for kind in ("video_shards", "text_shards"):
         for f in entry[kind]:
+            if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("bytes"), int)
+                    and "/" not in f["name"] and "\\" not in f["name"] and not f["name"].startswith(".")):
+                raise ValueError(f"{where} is damaged: split {split!r} lists the shard {f!r:.80}; rerun the cache "
+                                 "command")
             p = cache_dir / split / f["name"]
-            size = p.stat().st_size if p.is_file() else None
+            if not p.is_file():
+                raise FileNotFoundError(f"cache shard {p} is missing; rerun the cache command to repair it")
+            size = p.stat().st_size
             if size != f["bytes"]:
-                raise FileNotFoundError(f"cache shard {p} is missing or damaged ({size} bytes, manifest says "
-                                        f"{f['bytes']}); rerun the cache command to repair it")
+                raise CacheShardError(f"cache shard {p} is missing or damaged ({size} bytes, manifest says "
+                                      f"{f['bytes']}); rerun the cache command to repair it")
+            if verify:
+                if not isinstance(f.get("sha256"), str):
+                    raise CacheShardError(f"cannot verify cache shard {p}: the manifest records no sha256 (a cache "
+                                          "written by an older version); rerun the cache command to record them")
+                if sha256_file(p) != f["sha256"]:
+                    raise CacheShardError(f"cache shard {p} is damaged (its sha256 differs from the manifest's); "
+                                          "rerun the cache command to repair it")
     return split, dict(entry)
 
 
@@ -92,25 +123,52 @@ class _Shards:
 
     def row(self, i: int, key: str) -> np.ndarray:
         k, r = divmod(i, self.rows_per_shard)
+        if k >= len(self.paths):
+            raise CacheShardError(f"row {i} is beyond the {len(self.paths)} shards listed in the manifest (next to "
+                                  f"{self.paths[-1] if self.paths else 'none'}); the cache index is damaged")
         if k not in self._maps:
             self._maps[k] = open_memmap(self.paths[k])
-        return np.array(self._maps[k][key][r])  # a copy: the map stays read-only
+        arrays = self._maps[k]
+        if key not in arrays or arrays[key].ndim == 0 or r >= arrays[key].shape[0]:
+            have = {n: tuple(a.shape) for n, a in arrays.items()}
+            raise CacheShardError(f"cache shard {self.paths[k]} is damaged (no row {r} of {key!r}; it holds {have}); "
+                                  "rerun the cache command to repair it")
+        return np.array(arrays[key][r])  # a copy: the map stays read-only
 
     def __getstate__(self) -> Dict[str, Any]:  # DataLoader workers map the files themselves
         return {"paths": self.paths, "rows_per_shard": self.rows_per_shard, "_maps": {}}
 
 
+def _check_index(index: Any, entry: Mapping[str, Any], path: Path) -> None:
+    """ValueError naming `path` when a split's index is not the structure the writer wrote."""
+    try:
+        sm = index["samples"]
+        n = len(sm["clip"])
+        ok = (all(len(sm[k]) == n for k in ("text_start", "text_count", "draw"))
+              and len(index["clips"]) == entry["n_clips"]
+              and all(isinstance(c, int) and 0 <= c < entry["n_clips"] for c in sm["clip"])
+              and all(isinstance(s, int) and isinstance(m, int) and m >= 1 and 0 <= s and s + m <= len(index["texts"])
+                      for s, m in zip(sm["text_start"], sm["text_count"])))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a cache index (missing {err}); rerun the cache command") from err
+    if not ok:
+        raise ValueError(f"{path} is damaged: its sample rows do not match the manifest's clips / texts; rerun the "
+                         "cache command")
+
+
 class _CacheSplit:
     """The files of one cached split."""
 
-    def __init__(self, cache_dir: str | Path, split: str, settings: Optional[Mapping[str, Any]]) -> None:
+    def __init__(self, cache_dir: str | Path, split: str, settings: Optional[Mapping[str, Any]],
+                 verify: bool = False) -> None:
         self.cache_dir = Path(cache_dir)
         self.manifest = load_manifest(self.cache_dir)
         if settings is not None:
             check_settings(self.manifest, settings, cache_dir=self.cache_dir)
-        self.split, self.entry = _split_entry(self.manifest, split, self.cache_dir)
+        self.split, self.entry = _split_entry(self.manifest, split, self.cache_dir, verify)
         folder = self.cache_dir / self.split
         self.index = read_json(folder / self.entry["index"])
+        _check_index(self.index, self.entry, folder / self.entry["index"])
         self.videos = _Shards(folder, self.entry["video_shards"], self.entry["shard_clips"])
         self.texts = _Shards(folder, self.entry["text_shards"], self.entry["shard_texts"])
 
@@ -130,14 +188,16 @@ class CachedRetrievalDataset(Dataset):
             `CacheMismatchError` naming the differing fields.
         token_dtype: dtype of the returned token maps (float32 by default; float16 halves host-to-device
             traffic, the model then casts).
+        verify: check every shard of the split against the manifest's sha256 first (`CacheShardError`
+            naming the first damaged one).
 
     Items: ``{"tokens": (T, P, D) token_dtype, "video_mask": (T,) int64, "text_feat": (D,) float32,
     "text_ids": (L,) int64, "index": int}``; ``tokens`` are zero on padded frames.
     """
 
     def __init__(self, cache_dir: str | Path, split: str, *, settings: Optional[Mapping[str, Any]] = None,
-                 token_dtype: torch.dtype = torch.float32) -> None:
-        self._cache = _CacheSplit(cache_dir, split, settings)
+                 token_dtype: torch.dtype = torch.float32, verify: bool = False) -> None:
+        self._cache = _CacheSplit(cache_dir, split, settings, verify)
         self.token_dtype = token_dtype
         sm = self._cache.index["samples"]
         self.sample_clip: List[int] = list(sm["clip"])

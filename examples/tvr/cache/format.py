@@ -11,7 +11,9 @@ Layout of a cache folder (one data set, one backbone, one frame rule)::
 
 Shards are standard safetensors files (``safetensors.safe_open`` reads them), written here by a small
 deterministic writer (sorted header keys, no timestamps) so that the same inputs always give the same
-bytes; every shard goes to a temporary name first and is renamed when complete. Readers map the
+bytes; every shard goes to a temporary name unique to its writer first (two processes on one folder
+never share one) and is renamed when complete. The manifest records each shard's size and sha256.
+A header that does not describe a valid file raises `CacheShardError` naming the shard. Readers map the
 data section with ``numpy.memmap``: a row costs one page-cache read, nothing is unpickled.
 Tests: tests/examples/test_cache.py.
 """
@@ -20,16 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+import socket
 import struct
+import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "INDEX_NAME", "CacheMismatchError", "shard_name", "write_safetensors",
-           "read_header", "open_memmap", "shard_rows", "write_json_atomic", "read_json", "sha256_file",
+__all__ = ["FORMAT", "MANIFEST_NAME", "INDEX_NAME", "CacheMismatchError", "CacheShardError", "shard_name", "write_safetensors",
+           "read_header", "open_memmap", "remove_stale_temporaries", "shard_rows", "write_json_atomic", "read_json", "sha256_file",
            "settings_diff", "format_diff"]
 
 FORMAT = "muse-pyramid-tvr-cache/1"
@@ -43,10 +49,48 @@ _DTYPES = {  # safetensors dtype code <-> numpy dtype
     "I64": np.dtype("<i8"),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_TMP_OWNER = re.compile(r"\.([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{12}\.tmp$")  # .<name>.<host>-<pid>-<random>.tmp
 
 
 class CacheMismatchError(ValueError):
     """A cache built with other settings than the run's (the message names every differing field)."""
+
+
+class CacheShardError(ValueError):
+    """A cache shard that is missing, truncated, damaged or foreign (the message names the file)."""
+
+
+def _damaged(path: Path, detail: str) -> CacheShardError:
+    return CacheShardError(f"cache shard {path} is damaged ({detail}); rerun the cache command to repair it")
+
+
+def _temporary(path: Path, mode: str):
+    """A new temporary file beside `path`, named uniquely for this writer: `(file object, its path)`."""
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")  # usual permissions
+    return open(tmp, mode.replace("w", "x"), **({"encoding": "utf-8"} if "b" not in mode else {})), tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> List[Path]:
+    """Delete the temporary files in `folder` left by killed writers: those of a process of this host that
+    no longer runs, and unnamed ones of older versions. Files of live writers (any host) are kept."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        m = _TMP_OWNER.search(tmp.name)
+        if m is None or (m.group(1) == _HOST and not _alive(int(m.group(2)))):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def shard_name(kind: str, index: int) -> str:
@@ -74,16 +118,16 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, Union[torch.Tensor, 
                       metadata: Optional[Mapping[str, str]] = None) -> int:
     """Write `tensors` as a safetensors file, atomically (temporary name, fsync, rename); returns its size.
 
-    Deterministic: the same tensors and metadata always give the same bytes. A leftover temporary file
-    of an interrupted write is overwritten.
+    Deterministic: the same tensors and metadata always give the same bytes. The temporary file has a
+    name unique to this call, so concurrent writers of the same shard do not collide.
     """
     path = Path(path)
     arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
               for k, v in tensors.items()}
     header, names = _header_bytes(arrays, metadata or {})
-    tmp = path.with_name(f".{path.name}.tmp")
+    fh, tmp = _temporary(path, "wb")
     try:
-        with open(tmp, "wb") as fh:
+        with fh:
             fh.write(struct.pack("<Q", len(header)))
             fh.write(header)
             for name in names:
@@ -99,20 +143,43 @@ def write_safetensors(path: PathLike, tensors: Mapping[str, Union[torch.Tensor, 
 
 
 def read_header(path: PathLike) -> Tuple[Dict[str, Any], int]:
-    """`(header, data_start)` of a safetensors file; raises ValueError on a truncated / foreign file."""
+    """`(header, data_start)` of a safetensors file; `CacheShardError` naming the file when it is truncated,
+    damaged or foreign (every tensor entry is checked: dtype, shape, offsets inside the data section)."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
-            raise ValueError(f"{path} is not a safetensors file (size {size} bytes)")
+            raise _damaged(path, f"not a safetensors file: {size} bytes")
         (n,) = struct.unpack("<Q", head)
         if n > min(size - 8, 100_000_000):
-            raise ValueError(f"{path} is not a safetensors file (header length {n}, file size {size})")
-        header = json.loads(fh.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            raise _damaged(path, f"not a safetensors file: header length {n}, file size {size}")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path, f"header is not JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise _damaged(path, f"header is a JSON {type(header).__name__}, not an object")
+    end = 0
+    for name, spec in header.items():
+        if name == "__metadata__":
+            if not isinstance(spec, dict):
+                raise _damaged(path, "__metadata__ is not an object")
+            continue
+        if not isinstance(spec, dict) or spec.get("dtype") not in _DTYPES:
+            raise _damaged(path, f"tensor {name!r}: no known dtype in {spec!r:.80}")
+        shape, offsets = spec.get("shape"), spec.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _damaged(path, f"tensor {name!r}: shape {shape!r:.80}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise _damaged(path, f"tensor {name!r}: data_offsets {offsets!r:.80}")
+        if offsets[1] - offsets[0] != math.prod(shape) * _DTYPES[spec["dtype"]].itemsize:
+            raise _damaged(path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape}")
+        end = max(end, offsets[1])
     if 8 + n + end != size:
-        raise ValueError(f"{path} is truncated or damaged: header describes {8 + n + end} bytes, file has {size}")
+        raise _damaged(path, f"truncated or extended: the header describes {8 + n + end} bytes, the file has {size}")
     return header, 8 + n
 
 
@@ -136,7 +203,7 @@ def shard_rows(path: PathLike, key: str) -> Optional[int]:
     """Rows of tensor `key` in a complete shard, or None if the file is missing, damaged or foreign."""
     try:
         header, _ = read_header(path)
-    except (OSError, ValueError):
+    except (OSError, CacheShardError):
         return None
     if header.get("__metadata__", {}).get("format") != FORMAT or key not in header:
         return None
@@ -147,18 +214,27 @@ def write_json_atomic(path: PathLike, obj: Any) -> None:
     """JSON with sorted keys (deterministic), via a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fh, tmp = _temporary(path, "w")
+    try:
+        with fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: PathLike) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    """Parse a JSON file of the cache; ValueError naming it when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the cache is damaged: rerun the cache command, or "
+                         "build it again in a new cache_dir") from err
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:

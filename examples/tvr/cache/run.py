@@ -87,8 +87,8 @@ def build_cache_from_args(args: argparse.Namespace, info: DistInfo, *, on_shard:
     """
     from ..build import build_model_from_args, frame_config, load_model_state, load_samples, make_tokenizer
     from ..data.base import RetrievalDataset
-    from ..evaluate import same_samples
-    from ..train import autocast_context, seed_everything
+    from ..encode import same_samples
+    from ..runtime import autocast_context, seed_everything
 
     if not getattr(args, "cache_dir", None):
         raise ValueError("the cache command needs --cache_dir (the folder to write the cache to)")

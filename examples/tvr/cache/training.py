@@ -34,7 +34,7 @@ def evaluate_cache(model: nn.Module, dataset: CachedRetrievalDataset, info: Dist
                    num_workers: int = 0, dsl: bool = False, chunk_size: int = 4096, progress: bool = True,
                    desc: str = "eval") -> Dict[str, Any]:
     """`evaluate.evaluate_samples` on a cached split: each clip's stored tokens through the head once."""
-    from ..evaluate import encode_videos, score_embeddings
+    from ..encode import encode_videos, score_embeddings
 
     video = encode_videos(model, dataset.clips(), info, batch_size=batch_size, num_workers=num_workers,
                           progress=progress, desc=f"{desc} videos")
@@ -76,15 +76,16 @@ def cached_splits(args: argparse.Namespace, model: nn.Module, info: DistInfo
 
     Raises `CacheMismatchError` when the cache was built with other settings than `args`.
     """
-    from ..evaluate import same_samples
+    from ..encode import same_samples
 
     settings = run_settings(args, model.clip)
     args.frozen_clip_weights = settings["weights"]  # recorded in checkpoints (see build.model_config)
-    train_ds = CachedRetrievalDataset(args.cache_dir, "train", settings=settings)
-    splits = {"test": CachedRetrievalDataset(args.cache_dir, "test", settings=settings)}
+    verify = bool(getattr(args, "verify_cache", False))
+    train_ds = CachedRetrievalDataset(args.cache_dir, "train", settings=settings, verify=verify)
+    splits = {"test": CachedRetrievalDataset(args.cache_dir, "test", settings=settings, verify=verify)}
     select_on_val = False
     if args.do_val and "val" in load_manifest(args.cache_dir)["splits"]:
-        splits["val"] = CachedRetrievalDataset(args.cache_dir, "val", settings=settings)
+        splits["val"] = CachedRetrievalDataset(args.cache_dir, "val", settings=settings, verify=verify)
         select_on_val = not same_samples(splits["val"].samples, splits["test"].samples)
         if not select_on_val:
             logger.warning("the validation split is the test split: no model selection on it (the last epoch is "

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.base import FrameConfig, Sample, group_by_video
+from ..data.base import Sample, group_by_video
 from ..distributed import DistInfo, barrier, broadcast_object
-from ..video import load_frames
+from ..video import FrameConfig, load_frames
 from .format import (
     FORMAT,
     INDEX_NAME,
@@ -39,7 +39,9 @@ from .format import (
     CacheMismatchError,
     format_diff,
     read_json,
+    remove_stale_temporaries,
     settings_diff,
+    sha256_file,
     shard_name,
     shard_rows,
     write_json_atomic,
@@ -239,10 +241,13 @@ def write_split(
     autocast: Optional[Callable[[], Any]] = None,
     progress: bool = True,
     on_shard: Optional[ShardHook] = None,
+    checksums: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
     """Write this process's missing shards of one split; returns the split's manifest entry (main process).
 
     Every process must call it with the same samples. See the module docstring for the layout.
+    `checksums` (shard name -> sha256, from an earlier manifest): shards whose bytes no longer match are
+    damaged and written again (checked by the main process, which tells the others).
     """
     if shard_clips < 1 or shard_texts < 1 or batch_size < 1:
         raise ValueError(f"shard_clips, shard_texts and batch_size must be >= 1, got {shard_clips}, "
@@ -279,7 +284,10 @@ def write_split(
 
     video_shards, text_shards = _shards(len(plan.clips), shard_clips), _shards(len(plan.texts), shard_texts)
     jobs = {"videos": (video_shards, "tokens"), "texts": (text_shards, "text_feat")}
-    pending = {kind: [k for k, r in enumerate(ranges) if shard_rows(split_dir / shard_name(kind, k), key) != len(r)]
+    damaged = _damaged_shards(split_dir, checksums or {}) if info.is_main else []
+    damaged = broadcast_object(damaged)
+    pending = {kind: [k for k, r in enumerate(ranges)
+                      if shard_name(kind, k) in damaged or shard_rows(split_dir / shard_name(kind, k), key) != len(r)]
                for kind, (ranges, key) in jobs.items()}
 
     # 2. size and free space (every process computes the same numbers)
@@ -333,14 +341,16 @@ def write_split(
 
     entry: Dict[str, Any] = {}
     if info.is_main:
+        for tmp in remove_stale_temporaries(split_dir):
+            logger.info("removed %s, left by a killed cache writer", tmp)
         files = {}
         for kind, (ranges, key) in jobs.items():
             names = [shard_name(kind, k) for k in range(len(ranges))]
             bad = [n for n, r in zip(names, ranges) if shard_rows(split_dir / n, key) != len(r)]
             if bad:
                 raise RuntimeError(f"cache {split}: shards {bad[:5]} are missing or damaged after writing")
-            files[kind] = [{"name": n, "rows": len(r), "bytes": (split_dir / n).stat().st_size}
-                           for n, r in zip(names, ranges)]
+            files[kind] = [{"name": n, "rows": len(r), "bytes": (split_dir / n).stat().st_size,
+                            "sha256": sha256_file(split_dir / n)} for n, r in zip(names, ranges)]
         entry = {
             "n_clips": len(plan.clips), "n_samples": len(plan.samples), "n_texts": len(plan.texts),
             "shard_clips": shard_clips, "shard_texts": shard_texts, "tokens_shape": [T, tokens_per_frame, dim],
@@ -349,6 +359,27 @@ def write_split(
             "complete": True,
         }
     return entry
+
+
+def _damaged_shards(split_dir: Path, checksums: Mapping[str, str]) -> List[str]:
+    """Names of the shards (of `checksums`) present in `split_dir` whose sha256 differs from the recorded one."""
+    bad = []
+    for name, digest in sorted(checksums.items()):
+        path = split_dir / name
+        if path.is_file() and sha256_file(path) != digest:
+            logger.warning("cache shard %s does not match its sha256 in the manifest: writing it again", path)
+            bad.append(name)
+    return bad
+
+
+def shard_checksums(entry: Mapping[str, Any]) -> Dict[str, str]:
+    """`{shard name: sha256}` recorded in a split's manifest entry (empty for caches written without them)."""
+    out = {}
+    for kind in ("video_shards", "text_shards"):
+        for f in entry.get(kind, []) if isinstance(entry, Mapping) else []:
+            if isinstance(f, Mapping) and isinstance(f.get("sha256"), str):
+                out[str(f["name"])] = f["sha256"]
+    return out
 
 
 def _meta(split: str, kind: str, k: int, r: range) -> Dict[str, str]:
@@ -422,11 +453,17 @@ def build_cache(
         cache_dir.mkdir(parents=True, exist_ok=True)
         path = cache_dir / MANIFEST_NAME
         if path.is_file():
-            manifest = read_json(path)
-            diff = settings_diff(manifest.get("settings", {}), settings)
-            if manifest.get("format") != FORMAT:
+            try:
+                manifest = read_json(path)
+            except ValueError as err:  # reported on every process below
+                manifest, problem = None, str(err)
+            if problem:
+                pass
+            elif not isinstance(manifest, dict) or not isinstance(manifest.get("splits", {}), dict):
+                problem = f"{path} is not a cache manifest (a JSON object with 'splits'); use a new cache_dir"
+            elif manifest.get("format") != FORMAT:
                 problem = f"{path} has format {manifest.get('format')!r}, expected {FORMAT!r}"
-            elif diff:
+            elif diff := settings_diff(manifest.get("settings", {}), settings):
                 problem = (f"the cache in {cache_dir} was started with other settings: {format_diff(diff)}; "
                            "resume with the same flags, or use a new cache_dir")
         else:
@@ -438,8 +475,9 @@ def build_cache(
     barrier()
 
     for split, samples in splits.items():
+        known = shard_checksums(manifest.get("splits", {}).get(split, {}))  # the main process verifies them
         entry = write_split(clip, samples, cache_dir / split, split=split, frames=frames, tokenize=tokenize,
-                            info=info, max_words=int(settings["max_words"]), **write_kwargs)
+                            info=info, max_words=int(settings["max_words"]), checksums=known, **write_kwargs)
         if info.is_main:
             entry["skipped_videos"] = list((skipped or {}).get(split, []))
             manifest["splits"][split] = entry

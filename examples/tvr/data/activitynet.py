@@ -17,11 +17,19 @@ Tests: ``tests/examples/test_data_activitynet.py``.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from .base import Sample, SplitReport, frame_defaults, list_video_files
+from .base import (
+    AnnotationError,
+    Sample,
+    SplitReport,
+    annotation_field,
+    escapes_folder,
+    frame_defaults,
+    list_video_files,
+    read_annotation_json,
+)
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
@@ -58,10 +66,17 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
     for p in (json_path, ids_path):
         if not p.is_file():
             raise FileNotFoundError(f"ActivityNet file {p} does not exist")
-    with open(ids_path, encoding="utf-8") as f:
-        ids = list(dict.fromkeys(json.load(f)))
-    with open(json_path, encoding="utf-8") as f:
-        annotations = json.load(f)
+    ids = read_annotation_json(ids_path, "ActivityNet ids")
+    if not isinstance(ids, list) or not all(isinstance(v, str) for v in ids):
+        raise AnnotationError(f"ActivityNet ids {ids_path} should be a JSON list of video id strings")
+    ids = list(dict.fromkeys(ids))
+    annotations = read_annotation_json(json_path, "ActivityNet annotations")
+    if not isinstance(annotations, dict):
+        raise AnnotationError(f"ActivityNet annotations {json_path} should be a JSON object keyed by video id, got "
+                              f"{type(annotations).__name__}")
+    outside = {v for v in ids if escapes_folder(features_path, v) or escapes_folder(features_path, f"{_strip_v(v)}.mp4")}
+    refused = [f"{v} (in {ids_path.name}: its file would be outside {features_path})" for v in ids if v in outside]
+    ids = [v for v in ids if v not in outside]
 
     unmatched = [f"{v} (in {ids_path.name}, not in {json_path.name})" for v in ids if v not in annotations]
     ids = [v for v in ids if v in annotations]
@@ -74,7 +89,12 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
     n_sentences = 0
     for vid in ids:
         ann = annotations[vid]
-        sentences = ann["sentences"]
+        sentences = annotation_field(ann, "sentences", json_path, vid, list)
+        if not all(isinstance(x, str) for x in sentences):
+            raise AnnotationError(f"{json_path}: {vid} field 'sentences' should be a list of strings")
+        duration = annotation_field(ann, "duration", json_path, vid, (int, float))
+        if not math.isfinite(duration) or duration < 0:
+            raise AnnotationError(f"{json_path}: {vid} has duration {duration}; expected a finite number >= 0")
         n_sentences += len(sentences)
         text = " ".join(" ".join(sentences).split())
         path = None
@@ -89,7 +109,7 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         if path is None:
             missing.append(f"{vid} (no file {vid}.* or {_strip_v(vid)}.*)")
             path = features_path / f"{_strip_v(vid)}.mp4"
-        samples.append(Sample(vid, path, text, 0.0, float(math.ceil(float(ann["duration"])))))
+        samples.append(Sample(vid, path, text, 0.0, float(math.ceil(float(duration)))))
     return SplitReport(
         dataset="activitynet",
         split=split,
@@ -101,6 +121,7 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         unmatched=unmatched,
         matched_by=matched_by,
         notes=notes + [f"{split} reads {json_path.name} and {ids_path.name}"],
+        refused=refused,
     )
 
 

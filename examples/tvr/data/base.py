@@ -1,13 +1,16 @@
-"""Samples, frame settings and the torch Dataset shared by the three benchmarks.
+"""Samples, frame settings and the torch Dataset shared by the five benchmarks.
 
-A data set module (``msrvtt``, ``didemo``, ``activitynet``) turns the benchmark files into
-a list of ``Sample`` (``load_split``) and a ``SplitReport`` of what matched on disk
-(``scan``); ``RetrievalDataset`` turns samples into tensors. Tests:
-``tests/examples/test_data_base.py`` and the per-format ``test_data_*.py``.
+A data set module (``msrvtt``, ``didemo``, ``activitynet``, ``msvd``, ``lsmdc``) turns the
+benchmark files into a list of ``Sample`` (``load_split``) and a ``SplitReport`` of what
+matched on disk (``scan``); ``RetrievalDataset`` turns samples into tensors. Readers find
+their annotation files with ``data_file`` and their videos with ``index_by_stem`` /
+``caption_split_report``. Tests: ``tests/examples/test_data_base.py`` and the per-format
+``test_data_*.py``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -18,22 +21,72 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..video import VideoDecodeError, load_frames, probe_video
+from ..video import FrameConfig, VideoDecodeError, load_frames, probe_video
 
 __all__ = [
     "VIDEO_EXTENSIONS",
-    "FrameConfig",
+    "AnnotationError",
+    "annotation_field",
+    "escapes_folder",
+    "read_annotation_json",
     "RetrievalDataset",
     "Sample",
     "SplitReport",
+    "caption_split_report",
+    "check_scan_args",
+    "data_file",
     "frame_defaults",
     "group_by_video",
+    "index_by_stem",
     "list_video_files",
 ]
 
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".3gp", ".flv", ".wmv")
+
+
+class AnnotationError(ValueError):
+    """An annotation file that cannot be read as its format says (the message names the file)."""
+
+
+def read_annotation_json(path: str | Path, what: str) -> object:
+    """Parse the JSON annotation file `path` (`what` names it in messages, e.g. "MSR-VTT annotations")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} do not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{what} {path} are not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except json.JSONDecodeError as err:
+        raise AnnotationError(f"{what} {path} are not valid JSON: {err.msg} at line {err.lineno} column "
+                              f"{err.colno}") from err
+
+
+def annotation_field(item: object, key: str, path: str | Path, where: str, kind: type | tuple = object):
+    """`item[key]`, or AnnotationError naming the file, the entry (`where`) and the missing / mistyped field."""
+    if not isinstance(item, dict):
+        raise AnnotationError(f"{path}: {where} should be a JSON object, got {type(item).__name__}")
+    if key not in item:
+        raise AnnotationError(f"{path}: {where} has no {key!r} field (fields: {sorted(item)[:8]})")
+    value = item[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise AnnotationError(f"{path}: {where} field {key!r} should be {names}, got {type(value).__name__} "
+                              f"{value!r:.80}")
+    return value
+
+
+def escapes_folder(folder: str | Path, name: str) -> bool:
+    """True when `folder / name` (a name read from an annotation file) is not inside `folder` once `..`,
+    absolute paths and empty / NUL names are resolved. Links placed inside the folder are followed as usual."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        return True
+    root = os.path.abspath(os.fspath(folder))
+    target = os.path.abspath(os.path.join(root, name))
+    return os.path.commonpath([root, target]) != root or target == root
 
 
 def frame_defaults(max_words: int, max_frames: int) -> dict:
@@ -67,26 +120,6 @@ class Sample:
 
 
 @dataclass
-class FrameConfig:
-    """How frames are read (see ``examples/tvr/video.py``)."""
-
-    max_frames: int  # T: frames kept per clip (zero-padded with a mask below that)
-    feature_framerate: int = 1  # frames per second read; CLIP4Clip's default and published setting
-    slice_framepos: int = 2  # above max_frames: 0 = head, 1 = tail, 2 = uniform
-    image_resolution: int = 224  # R: short side resize then R x R centre crop
-
-    def __post_init__(self) -> None:
-        if self.max_frames < 1:
-            raise ValueError(f"max_frames must be >= 1, got {self.max_frames}")
-        if self.feature_framerate < 0:
-            raise ValueError(f"feature_framerate must be >= 0, got {self.feature_framerate}")
-        if self.slice_framepos not in (0, 1, 2):
-            raise ValueError(f"slice_framepos must be 0, 1 or 2, got {self.slice_framepos}")
-        if self.image_resolution < 1:
-            raise ValueError(f"image_resolution must be >= 1, got {self.image_resolution}")
-
-
-@dataclass
 class SplitReport:
     """What a split's files describe and what was found on disk (every mismatch listed)."""
 
@@ -100,15 +133,18 @@ class SplitReport:
     unmatched: list[str] = field(default_factory=list)  # split entries the annotations do not cover, etc.
     matched_by: dict[str, int] = field(default_factory=dict)  # how files were matched, e.g. {"exact": 3}
     notes: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # names that point outside the video folder (dropped)
 
     def log(self) -> None:
-        level = logging.WARNING if self.missing or self.unmatched else logging.INFO
+        level = logging.WARNING if self.missing or self.unmatched or self.refused else logging.INFO
         logger.log(
             level,
-            "%s/%s: %d videos, %d captions, %d found on disk, %d missing, %d unmatched",
+            "%s/%s: %d videos, %d captions, %d found on disk, %d missing, %d unmatched, %d refused",
             self.dataset, self.split, self.n_videos, self.n_captions, self.found,
-            len(self.missing), len(self.unmatched),
+            len(self.missing), len(self.unmatched), len(self.refused),
         )
+        for name in self.refused:
+            logger.warning("%s/%s: refused %s", self.dataset, self.split, name)
         for name in self.missing:
             logger.warning("%s/%s: no video file for %s", self.dataset, self.split, name)
         for name in self.unmatched:
@@ -124,6 +160,8 @@ class SplitReport:
             "found": self.found,
             "missing": len(self.missing),
             "unmatched": len(self.unmatched),
+            "refused": len(self.refused),
+            "refused_names": list(self.refused),
             "matched_by": dict(self.matched_by),
             "missing_names": list(self.missing),
             "unmatched_names": list(self.unmatched),
@@ -143,6 +181,84 @@ def list_video_files(root: str | Path, extensions: Iterable[str] = VIDEO_EXTENSI
             if Path(name).suffix.lower() in exts:
                 out.append(Path(dirpath) / name)
     return sorted(out)
+
+
+def check_scan_args(dataset: str, split: str, splits: Iterable[str], options: dict, known: Iterable[str],
+                    features_path: str | Path) -> None:
+    """The checks every ``scan`` starts with: known option names, a known split, an existing video folder."""
+    known, splits = set(known), tuple(splits)
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown {dataset} options {sorted(unknown)}; known: {sorted(known)}")
+    if split not in splits:
+        raise ValueError(f"{dataset} split must be one of {splits}, got {split!r}")
+    if not Path(features_path).is_dir():
+        raise FileNotFoundError(f"{dataset} video folder {features_path} does not exist")
+
+
+def data_file(data_path: str | Path, name: str | Path) -> Path:
+    """Where annotation file ``name`` of a data set is: an absolute ``name`` as given, a relative one
+    under the annotation folder ``data_path``. Readers resolve every annotation file here."""
+    name = Path(name)
+    return name if name.is_absolute() else Path(data_path) / name
+
+
+def index_by_stem(features_path: str | Path) -> dict[str, list[Path]]:
+    """Every video file under ``features_path`` (recursive) keyed by its name without the last
+    extension (``0001_Movie_00.00.51.926-00.00.54.129.avi`` -> ``0001_Movie_00.00.51.926-00.00.54.129``),
+    files of one stem in sorted order."""
+    out: dict[str, list[Path]] = {}
+    for path in list_video_files(features_path):
+        out.setdefault(path.stem, []).append(path)
+    return out
+
+
+def caption_split_report(
+    dataset: str,
+    split: str,
+    pairs: Sequence[tuple[str, str]],
+    features_path: str | Path,
+    *,
+    unmatched: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> SplitReport:
+    """The report of a split with one sample per ``(video_id, caption)`` pair, videos matched by stem.
+
+    Video ids keep their first-appearance order; the video of an id is the file anywhere under
+    ``features_path`` whose name without its extension is the id (``index_by_stem``; the first in
+    sorted order when several match, noted). A video without a file is listed in ``missing`` and
+    its samples point at ``<features_path>/<id>`` so that ``RetrievalDataset`` reports it; an id that
+    would point outside ``features_path`` (``..``, an absolute path) is dropped and listed in ``refused``.
+    """
+    features_path = Path(features_path)
+    by_stem = index_by_stem(features_path)
+    outside = {v for v, _ in pairs if escapes_folder(features_path, v)}
+    pairs = [(v, text) for v, text in pairs if v not in outside]
+    video_ids = list(dict.fromkeys(v for v, _ in pairs))
+    paths: dict[str, Path] = {}
+    notes = list(notes)
+    for vid in video_ids:
+        hits = by_stem.get(vid)
+        if hits:
+            paths[vid] = hits[0]
+            if len(hits) > 1:
+                notes.append(f"{vid}: {len(hits)} files with this stem, using {hits[0]}")
+    matched_by: dict[str, int] = {}
+    for path in paths.values():
+        matched_by[path.suffix] = matched_by.get(path.suffix, 0) + 1
+    return SplitReport(
+        dataset=dataset,
+        split=split,
+        samples=[Sample(v, paths.get(v, features_path / v), text) for v, text in pairs],
+        n_videos=len(video_ids),
+        n_captions=len(pairs),
+        found=len(paths),
+        missing=[f"{v} (no file {v}.* under {features_path})" for v in video_ids if v not in paths],
+        unmatched=list(unmatched),
+        matched_by=matched_by,
+        notes=notes,
+        refused=[f"{v} (its file would be outside {features_path})" for v in sorted(outside)],
+    )
 
 
 def group_by_video(samples: Sequence[Sample]) -> tuple[list[Sample], Tensor]:

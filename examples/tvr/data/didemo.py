@@ -23,10 +23,18 @@ unless ``skip_broken=True``. Tests: ``tests/examples/test_data_didemo.py``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .base import Sample, SplitReport, frame_defaults, list_video_files
+from .base import (
+    AnnotationError,
+    Sample,
+    SplitReport,
+    annotation_field,
+    escapes_folder,
+    frame_defaults,
+    list_video_files,
+    read_annotation_json,
+)
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "match_files", "scan"]
 
@@ -84,20 +92,27 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
     for p in (list_path, json_path):
         if not p.is_file():
             raise FileNotFoundError(f"DiDeMo file {p} does not exist")
-    listed = [line.strip() for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        listed = [line.strip() for line in list_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"DiDeMo list {list_path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     listed = list(dict.fromkeys(listed))
-    with open(json_path, encoding="utf-8") as f:
-        annotations = json.load(f)
+    refused = [f"{v} (in {list_path.name}: its file would be outside {features_path})" for v in listed
+               if escapes_folder(features_path, v)]
+    listed = [v for v in listed if not escapes_folder(features_path, v)]
+    annotations = read_annotation_json(json_path, "DiDeMo annotations")
+    if not isinstance(annotations, list):
+        raise AnnotationError(f"DiDeMo annotations {json_path} should be a JSON list, got {type(annotations).__name__}")
     texts: dict[str, list[str]] = {}
     n_descriptions = 0
     listed_set = set(listed)
     not_listed: dict[str, int] = {}
-    for itm in annotations:
-        video = itm["video"]
+    for n, itm in enumerate(annotations):
+        video = annotation_field(itm, "video", json_path, f"entry {n}", str)
         if video not in listed_set:
             not_listed[video] = not_listed.get(video, 0) + 1
             continue
-        texts.setdefault(video, []).append(itm["description"])
+        texts.setdefault(video, []).append(annotation_field(itm, "description", json_path, f"entry {n}", str))
         n_descriptions += 1
     unmatched = [f"{v} (in {list_path.name}, no annotation in {json_path.name})" for v in listed if v not in texts]
     unmatched += [f"{v} (annotated in {json_path.name}, not in {list_path.name})" for v in not_listed]
@@ -121,6 +136,7 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         unmatched=unmatched,
         matched_by=matched_by,
         notes=notes,
+        refused=refused,
     )
 
 

@@ -26,10 +26,17 @@ looked up in the data folder. Tests: ``tests/examples/test_data_msrvtt.py``.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-from .base import Sample, SplitReport, frame_defaults
+from .base import (
+    AnnotationError,
+    Sample,
+    SplitReport,
+    annotation_field,
+    escapes_folder,
+    frame_defaults,
+    read_annotation_json,
+)
 
 __all__ = ["DEFAULTS", "OPTIONS", "load_split", "scan"]
 
@@ -62,14 +69,24 @@ def _resolve(name: str | Path, data_dir: Path) -> Path:
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"MSR-VTT csv {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = [c.strip() for c in (reader.fieldnames or [])]
-        reader.fieldnames = fields
-        missing = [c for c in required if c not in fields]
-        if missing:
-            raise ValueError(f"{path} must have columns {list(required)}, got header {fields}")
-        return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = fields
+            missing = [c for c in required if c not in fields]
+            if missing:
+                raise AnnotationError(f"{path} must have columns {list(required)}, got header {fields}")
+            rows = [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"MSR-VTT csv {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except csv.Error as err:
+        raise AnnotationError(f"MSR-VTT csv {path} cannot be parsed: {err}") from err
+    for n, row in enumerate(rows, start=2):
+        empty = [c for c in required if not row.get(c)]
+        if empty:
+            raise AnnotationError(f"{path} line {n}: empty {empty}")
+    return rows
 
 
 def video_path(features_path: str | Path, video_id: str) -> tuple[Path, bool]:
@@ -80,6 +97,13 @@ def video_path(features_path: str | Path, video_id: str) -> tuple[Path, bool]:
         if p.is_file():
             return p, True
     return features_path / f"{video_id}{VIDEO_SUFFIXES[0]}", False
+
+
+def _refuse_escaping(video_ids: list[str], features_path: Path, source: Path) -> tuple[list[str], dict[str, str]]:
+    """Video ids whose file stays inside ``features_path``, and ``{refused id: file it came from}``."""
+    refused = {v: source.name for v in video_ids
+               if escapes_folder(features_path, v) or escapes_folder(features_path, f"{v}{VIDEO_SUFFIXES[0]}")}
+    return [v for v in video_ids if v not in refused], refused
 
 
 def scan(data_path: str | Path, features_path: str | Path, split: str, **options) -> SplitReport:
@@ -106,20 +130,21 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         csv_path = _resolve(opts["train_csv"], data_dir)
         video_ids = list(dict.fromkeys(r["video_id"] for r in _read_csv(csv_path, ("video_id",))))
         json_path = json_path or _resolve(opts["data_json"], data_dir)
-        if not json_path.is_file():
-            raise FileNotFoundError(f"MSR-VTT annotations {json_path} do not exist")
-        with open(json_path, encoding="utf-8") as f:
-            sentences = json.load(f)["sentences"]
+        sentences = annotation_field(read_annotation_json(json_path, "MSR-VTT annotations"), "sentences", json_path,
+                                     "the top level", list)
         wanted = set(video_ids)
         captions: dict[str, list[str]] = {v: [] for v in video_ids}
         pairs = []
-        for itm in sentences:
-            vid = itm["video_id"]
+        for n, itm in enumerate(sentences):
+            vid = annotation_field(itm, "video_id", json_path, f"sentences[{n}]", str)
             if vid in wanted:
-                captions[vid].append(itm["caption"])
-                pairs.append((vid, itm["caption"]))
+                caption = annotation_field(itm, "caption", json_path, f"sentences[{n}]", str)
+                captions[vid].append(caption)
+                pairs.append((vid, caption))
         unmatched = [f"{v} (in {csv_path.name}, no caption in {json_path.name})" for v in video_ids if not captions[v]]
         video_ids = [v for v in video_ids if captions[v]]
+        video_ids, refused = _refuse_escaping(video_ids, features_path, csv_path)
+        pairs = [(vid, cap) for vid, cap in pairs if vid not in refused]
         paths = {v: video_path(features_path, v) for v in video_ids}
         if opts["expand_sentences"]:
             samples = [Sample(vid, paths[vid][0], cap) for vid, cap in pairs]
@@ -133,7 +158,9 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         if split == "val" and key == "test_csv":
             notes.append(f"val uses the test csv {csv_path.name} (no val_csv given), as CLIP4Clip does")
         rows = _read_csv(csv_path, ("video_id", "sentence"))
-        video_ids = list(dict.fromkeys(r["video_id"] for r in rows))
+        video_ids, refused = _refuse_escaping(list(dict.fromkeys(r["video_id"] for r in rows)), features_path,
+                                              csv_path)
+        rows = [r for r in rows if r["video_id"] not in refused]
         paths = {v: video_path(features_path, v) for v in video_ids}
         samples = [Sample(r["video_id"], paths[r["video_id"]][0], r["sentence"]) for r in rows]
         n_captions = len(rows)
@@ -155,6 +182,7 @@ def scan(data_path: str | Path, features_path: str | Path, split: str, **options
         unmatched=unmatched,
         matched_by=matched_by,
         notes=notes,
+        refused=[f"{v} (in {src}: its file would be outside {features_path})" for v, src in refused.items()],
     )
 
 

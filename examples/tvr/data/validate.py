@@ -29,14 +29,14 @@ def validate(
     """Read ``split`` of ``dataset_name`` and report what matches on disk.
 
     Args:
-        dataset_name: a key of ``DATASETS`` (``msrvtt``, ``didemo``, ``activitynet``).
+        dataset_name: a key of ``DATASETS`` (``msrvtt``, ``didemo``, ``activitynet``, ``msvd``, ``lsmdc``).
         data_path, features_path, split, options: as for that data set's ``load_split``.
         decode: also probe every found video (open it, decode its first frame).
         show: print at most this many names per mismatch list (``None``: all of them).
 
     Returns:
-        ``{"dataset", "split", "videos", "captions", "samples", "found", "missing",
-        "unmatched", "matched_by", "missing_names", "unmatched_names", "notes"}`` and, with
+        ``{"dataset", "split", "videos", "captions", "samples", "found", "missing", "unmatched",
+        "refused", "matched_by", "missing_names", "unmatched_names", "refused_names", "notes"}`` and, with
         ``decode``, ``"undecodable"`` (count) and ``"undecodable_names"``.
     """
     if dataset_name not in DATASETS:
@@ -57,12 +57,14 @@ def validate(
         f"  found      {result['found']:>8}   " + ", ".join(f"{k}: {v}" for k, v in result["matched_by"].items()),
         f"  missing    {result['missing']:>8}",
         f"  unmatched  {result['unmatched']:>8}",
+        f"  refused    {result['refused']:>8}   (names pointing outside the video folder)",
     ]
     if decode:
         lines.append(f"  undecodable{result['undecodable']:>7}")
     for title, names in (
         ("missing", result["missing_names"]),
         ("unmatched", result["unmatched_names"]),
+        ("refused", result["refused_names"]),
         ("undecodable", result.get("undecodable_names", [])),
     ):
         if names:
