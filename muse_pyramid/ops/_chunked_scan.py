@@ -9,7 +9,7 @@ every chunk is one contiguous slice). Per block, forward:
 1. decays and inputs for all ``T * K`` steps with one op each;
 2. the chunk-end states from a zero start: ``T`` steps, each one op over all ``K`` chunks at once;
 3. the chunk start states: ``K`` steps of ``s_{k+1} = P_k s_k + e_k`` on ``(batch, G, H, N)``, where
-   ``P_k = exp(A * sum of delta over chunk k) <= 1`` comes from a cumulative sum of delta;
+   ``P_k = exp(A * sum of delta over chunk k) <= 1`` (one sum and one exp per block);
 4. the states from the true starts, ``T`` steps over all chunks, written in place, then
    ``y = <C_t, h_t>`` as one batched product.
 
