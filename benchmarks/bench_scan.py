@@ -21,8 +21,7 @@ twin (the same ATen ops).
 Times are medians of ``--repeats`` runs after ``--warmup`` runs. Peak extra memory is the peak,
 over the call, of the bytes held by tensors allocated during the call (inputs excluded; saved
 activations, workspaces and gradients included): on the CPU from the allocation events of
-``torch.profiler`` (``profile_memory=True``; the compiled kernel takes its scratch from torch, so
-it is counted too), on CUDA from ``torch.cuda.max_memory_allocated``.
+``torch.profiler`` (``profile_memory=True``), on CUDA from ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_scan.py            # full table: benchmarks/results/bench_scan.json (+ .md)
     python benchmarks/bench_scan.py --quick    # small sizes, under a minute (what CI runs)
@@ -222,7 +221,7 @@ def main() -> None:
         help="skip plain_pre (holds (B, D, L, N) tensors) above this L",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=None, help="only these (plain, plain_pre, torch, compiled, mamba_ssm)"
+        "--methods", nargs="+", default=None, help="only these (plain, plain_1t, plain_pre, torch, mamba_ssm)"
     )
     parser.add_argument("--ops_length", type=int, default=3060, help="L of the ATen op count")
     args = parser.parse_args()

@@ -20,33 +20,8 @@ from torch import nn
 from ._validate import check_choice, check_positions, check_tensor
 from .config import MIXERS
 from .mamba import BiMamba
-from .ops._cpu_kernel import compiled_dropout, compiled_usable
-from .ops._dispatch import is_compiling
 
-__all__ = ["AttentionMixer", "MaskDropout", "ResMambaBlock"]
-
-
-class MaskDropout(nn.Dropout):
-    """`nn.Dropout` (same distribution, same train/eval behaviour) with cheaper masks.
-
-    On the CPU in fp32, with the compiled kernels available (`muse_pyramid.ops`), the mask comes from a
-    counter-based generator seeded by one draw from torch's CPU generator: one pass over the tensor
-    each way, nothing saved for the backward (it recomputes the mask), reproducible under
-    `torch.manual_seed`, `p` resolved to 2^-32. Elsewhere the mask is drawn as `uniform >= p` and
-    kept as a bool tensor (on CPU about twice as fast as `bernoulli_`, a byte per element).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: any shape -> same shape, elements zeroed with probability p and the rest scaled by 1/(1-p)."""
-        if not self.training or self.p == 0.0:
-            return x
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        if self.p == 1.0:
-            return x * zero
-        if x.dtype == torch.float32 and not is_compiling() and compiled_usable(x.device, x.dtype):
-            return compiled_dropout(x, self.p)
-        keep = torch.rand(x.shape, device=x.device) >= self.p
-        return torch.where(keep, x * (1.0 / (1.0 - self.p)), zero)
+__all__ = ["AttentionMixer", "ResMambaBlock"]
 
 
 class AttentionMixer(nn.Module):
@@ -131,7 +106,7 @@ class ResMambaBlock(nn.Module):
                 dim, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
                 bidirectional=mixer == "bimamba", scan_backend=scan_backend, conv_backend=conv_backend,
             )
-        self.drop = MaskDropout(dropout)
+        self.drop = nn.Dropout(dropout)
         self.proj = nn.Linear(dim, dim)
         self._reset_residual()  # the mixer initialised itself when it was built
 

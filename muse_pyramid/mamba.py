@@ -42,8 +42,7 @@ from torch import nn
 
 from ._validate import check_positions, check_prefix_mask, check_tensor
 from .ops import causal_conv1d, conv_backend, scan_backend, selective_scan
-from .ops._dispatch import INNER_KERNEL, is_compiling, probe_cuda_kernel
-from .ops.channel_linear import channels_linear, channels_to_tokens, tokens_to_channels
+from .ops._dispatch import INNER_KERNEL, probe_cuda_kernel
 
 __all__ = ["BiMamba", "reversal_index"]
 
@@ -62,18 +61,6 @@ def reversal_index(mask: Optional[torch.Tensor], batch: int, length: int, device
         return (length - 1 - steps).expand(batch, length)
     real = mask.sum(dim=1, keepdim=True)  # (B, 1)
     return torch.where(steps < real, real - 1 - steps, steps)
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """True for an `nn.Linear` itself with no hooks: its weight may be used directly, in another layout.
-    A subclass, a wrapper (LoRA & co.) or a hooked Linear is called as a module instead."""
-    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
-
-
-def _channel_major(module: nn.Module) -> bool:
-    """Use the layout-changing maps of `ops/channel_linear.py` for `module` (a plain Linear, outside
-    `torch.compile`, which fuses the transposes itself)."""
-    return _plain_linear(module) and not is_compiling()
 
 
 def _a_log(suffix: str) -> str:
@@ -186,21 +173,13 @@ class BiMamba(nn.Module):
         x = causal_conv1d(
             x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
         )
-        x_proj: nn.Linear = getattr(self, f"x_proj{s}")
-        dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
-        if _channel_major(x_proj):  # dt, B, C come out time-last, as the scan reads them
-            x_dbl = channels_linear(x, x_proj.weight, x_proj.bias)  # (B, R + 2N, L)
-        else:
-            x_dbl = rearrange(x_proj(rearrange(x, "b d l -> b l d")), "b l r -> b r l")
-        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
-        b_ssm, c_ssm = b_ssm.contiguous(), c_ssm.contiguous()  # (B, N, L) each, small; kernels want them dense
-        if _channel_major(dt_proj):  # the bias is left to the scan, which fuses it with the softplus
-            delta, bias = channels_linear(dt, dt_proj.weight), dt_proj.bias  # (B, D, L)
-        else:  # the module's own forward, bias included
-            delta, bias = rearrange(dt_proj(rearrange(dt, "b r l -> b l r")), "b l d -> b d l").contiguous(), None
+        x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = rearrange(getattr(self, f"dt_proj{s}")(dt), "b l d -> b d l")  # bias included; softplus in the scan
+        b_ssm, c_ssm = (rearrange(t, "b l n -> b n l").contiguous() for t in (b_ssm, c_ssm))  # (B, N, L), dense
         return selective_scan(
-            x, delta, -torch.exp(getattr(self, _a_log(s)).float()), b_ssm, c_ssm, getattr(self, f"D{s}").float(),
-            z=z, delta_bias=None if bias is None else bias.float(), delta_softplus=True, backend=self.scan_backend,
+            x, delta.contiguous(), -torch.exp(getattr(self, _a_log(s)).float()), b_ssm, c_ssm,
+            getattr(self, f"D{s}").float(), z=z, delta_softplus=True, backend=self.scan_backend,
         )
 
     def _fused_inner(self, x: torch.Tensor) -> Optional[Callable]:
@@ -208,12 +187,13 @@ class BiMamba(nn.Module):
 
         It needs CUDA tensors, both CUDA kernels (not forced away by `scan_backend`/`conv_backend` or
         their environment variables), a conv width the kernel supports, and plain bias-free `nn.Linear`
-        projections (it reads their weights; `dt_proj`'s bias becomes the scan's delta bias).
+        projections (it reads their weights, so a wrapped projection, e.g. LoRA, takes the separate ops;
+        `dt_proj`'s bias becomes the scan's delta bias).
         """
         if x.device.type != "cuda":
             return None
         no_bias = [self.in_proj, self.out_proj, *self._modules_named("x_proj")]  # it takes no bias for these
-        if not all(_plain_linear(m) for m in no_bias + self._modules_named("dt_proj")) or any(
+        if not all(type(m) is nn.Linear for m in no_bias + self._modules_named("dt_proj")) or any(
             m.bias is not None for m in no_bias
         ):
             return None
@@ -269,20 +249,11 @@ class BiMamba(nn.Module):
         inner = self._fused_inner(x)
         if inner is not None:
             return self._forward_fused(inner, x, back, positions)
-        # in_proj writes x and z as contiguous channel-major (B, D, L) maps, which the conv and the scan
-        # read without transposing; out_proj maps the (B, D, L) result straight back to contiguous
-        # (B, L, C) tokens (see `ops/channel_linear.py`). Wrapped or hooked projections run as modules.
-        if _channel_major(self.in_proj):
-            (w_x, w_z), bias = self.in_proj.weight.chunk(2), self.in_proj.bias
-            b_x, b_z = (None, None) if bias is None else bias.chunk(2)
-            rows = x if positions is None else x.gather(1, repeat(positions, "b p -> b p c", c=x.shape[-1]))
-            xs, zs = tokens_to_channels(x, w_x, b_x), tokens_to_channels(rows, w_z, b_z)
-        else:  # the module once, on every row
-            xz = rearrange(self.in_proj(x), "b l d -> b d l")
-            xs, zs = xz[:, : self.d_inner].contiguous(), xz[:, self.d_inner :]
-            if positions is not None:
-                zs = zs.gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
-            zs = zs.contiguous()
+        xz = rearrange(self.in_proj(x), "b l d -> b d l")  # channel-major, as the conv and the scan read it
+        xs, zs = xz[:, : self.d_inner].contiguous(), xz[:, self.d_inner :]
+        if positions is not None:
+            zs = zs.gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
+        zs = zs.contiguous()
         back_d = None if back is None else repeat(back, "b l -> b d l", d=self.d_inner)
         if positions is None:  # the gate is fused into each scan: (y_f + y_b) * silu(z) = sum of gated scans
             y = self._direction(xs, zs, "")
@@ -294,8 +265,6 @@ class BiMamba(nn.Module):
                 rows_b = repeat(back.gather(1, positions), "b p -> b d p", d=self.d_inner)
                 y = y + self._direction(xs.gather(2, back_d), None, "_b").gather(2, rows_b)
             y = y * F.silu(zs.to(y.dtype))
-        if _channel_major(self.out_proj):
-            return channels_to_tokens(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
     def _forward_fused(

@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from muse_pyramid import AttentionMixer, BiMamba, ResMambaBlock, block
-from muse_pyramid.block import MaskDropout
-from muse_pyramid.ops._cpu_kernel import compiled_dropout
+from muse_pyramid import AttentionMixer, BiMamba, ResMambaBlock
 
 
 @pytest.mark.parametrize("mixer", ["bimamba", "mamba", "attention"])
@@ -37,63 +35,6 @@ def test_block_formula():
 def test_dropout_is_plain_dropout_after_the_mixer():
     blk = ResMambaBlock(8, d_state=4, dropout=0.5)
     assert isinstance(blk.drop, torch.nn.Dropout) and blk.drop.p == 0.5
-
-
-@pytest.fixture(params=["compiled", "torch"])
-def dropout_path(request, monkeypatch):
-    """MaskDropout on the compiled kernel (skipped where it cannot be built) and on the torch path."""
-    if request.param == "compiled":
-        if not block.compiled_usable(torch.device("cpu"), torch.float32):
-            pytest.skip("the compiled CPU kernels cannot be built here")
-    else:
-        monkeypatch.setattr(block, "compiled_usable", lambda device, dtype: False)
-    calls = []
-    monkeypatch.setattr(block, "compiled_dropout", lambda *a: calls.append(1) or compiled_dropout(*a))
-    yield request.param
-    assert bool(calls) == (request.param == "compiled")
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_mask_dropout_is_dropout(p, dropout_path):
-    """Zeros with probability p, scales the rest by 1/(1-p), gradient through the same mask; identity in eval."""
-    drop = MaskDropout(p)
-    torch.manual_seed(0)
-    x = torch.rand(200, 500) + 1.0  # no zeros of its own
-    x.requires_grad_(True)
-    out = drop(x)
-    kept = out != 0
-    n = kept.numel()
-    assert abs((~kept).double().mean().item() - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors
-    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
-    out.backward(torch.ones_like(out))
-    torch.testing.assert_close(x.grad, kept.float() / (1 - p))
-    assert drop.eval()(x) is x
-    assert MaskDropout(0.0)(x) is x
-    assert torch.equal(MaskDropout(1.0)(x), torch.zeros_like(x))
-    torch.manual_seed(1)
-    first = MaskDropout(p)(x)
-    torch.manual_seed(1)
-    assert torch.equal(MaskDropout(p)(x), first)  # reproducible from the seed
-    assert not torch.equal(MaskDropout(p)(x), first)  # a fresh mask every call
-
-
-def test_compiled_dropout_mask_ignores_thread_count_and_layout(dropout_path):
-    """The compiled mask is a function of the seed and the element index only."""
-    if dropout_path != "compiled":
-        pytest.skip("compiled kernel only")
-    x = torch.rand(128, 4096) + 1.0  # large enough for the kernel to use every thread
-    threads = torch.get_num_threads()
-    try:
-        torch.manual_seed(3)
-        many = MaskDropout(0.3)(x)
-        torch.set_num_threads(1)
-        torch.manual_seed(3)
-        one = MaskDropout(0.3)(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(many, one)
-    torch.manual_seed(3)  # a transposed view gives the mask of its contiguous copy
-    torch.testing.assert_close(MaskDropout(0.3)(x.t().contiguous().t()), many)
 
 
 @pytest.mark.parametrize("mixer", ["bimamba", "mamba", "attention"])

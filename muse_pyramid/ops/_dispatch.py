@@ -41,7 +41,7 @@ INNER_KERNEL = (
 
 
 def is_compiling() -> bool:
-    """True while ``torch.compile`` traces (then the ctypes kernels and host syncs are avoided)."""
+    """True while ``torch.compile`` traces (value checks that would sync with the host are skipped then)."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 

@@ -6,8 +6,9 @@ For every batch b, channel d and step t, with ``width = weight.shape[1]``::
 
 followed by ``silu`` when ``activation`` is "silu"/"swish".
 
-In file order: input checks, the
-readable reference (an explicit sum over the taps), and the dispatching ``causal_conv1d``.
+Backends: "cuda" (``causal_conv1d``'s kernel, widths 2 to 4) and "torch" (``F.conv1d`` with left
+padding, any device). In file order: input checks, the readable reference (an explicit sum over the
+taps), and the dispatching ``causal_conv1d``.
 Tests: ``tests/ops/test_causal_conv1d.py``.
 """
 
@@ -19,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
-from ._cpu_kernel import check_compiled_usable, compiled_conv, compiled_usable
-from ._dispatch import AUTO, CONV_KERNEL, as_device, is_compiling, probe_cuda_kernel
+from ._dispatch import AUTO, CONV_KERNEL, as_device, probe_cuda_kernel
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
 
-CONV_BACKENDS = ("torch", "compiled", "cuda")
+CONV_BACKENDS = ("torch", "cuda")
 CONV_BACKEND_ENV = "MUSE_PYRAMID_CONV_BACKEND"
 _ACTIVATIONS = (None, "silu", "swish")
 # widths the causal-conv1d CUDA kernel is compiled for
@@ -102,10 +102,8 @@ def _conv_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 @_dispatch.constant_under_compile
-def _resolve(
-    device: torch.device, width: int, backend: str | None, dtype: torch.dtype = torch.float32, compiling: bool = False
-) -> str:
-    """Backend name for this call (see ``selective_scan._resolve``; "torch" on the CPU while compiling)."""
+def _resolve(device: torch.device, width: int, backend: str | None) -> str:
+    """Backend name for this call (see ``selective_scan._resolve``)."""
     name = _dispatch.requested_backend(backend, CONV_BACKENDS, CONV_BACKEND_ENV, "causal_conv1d")
     cuda_fn, reason = probe_cuda_kernel(*CONV_KERNEL)
     if name == AUTO:
@@ -114,9 +112,7 @@ def _resolve(
                 return "cuda"
             if cuda_fn is None:
                 _dispatch.warn_cuda_fallback("causal_conv1d", reason)
-        return "compiled" if compiled_usable(device, dtype) and not compiling else "torch"
-    if name == "compiled":
-        check_compiled_usable(device, dtype, "causal_conv1d")
+        return "torch"
     if name == "cuda":
         _dispatch.check_cuda_usable(cuda_fn, reason, device, "causal_conv1d")
         if width not in _CUDA_WIDTHS:
@@ -132,15 +128,14 @@ def conv_backend(
     """Name of the backend :func:`causal_conv1d` would use.
 
     Args:
-        tensor_or_device: the ``x`` tensor of a call (its device and dtype count), or its device.
+        tensor_or_device: the ``x`` tensor of a call (its device counts), or its device.
         backend: the ``backend=`` argument the call would get (None/"auto" for automatic).
         width: the kernel width of the call (the CUDA kernel supports 2 to 4).
 
     Returns:
         One of :data:`CONV_BACKENDS`. Raises RuntimeError when a forced backend is unusable.
     """
-    dtype = tensor_or_device.dtype if isinstance(tensor_or_device, torch.Tensor) else torch.float32
-    return _resolve(as_device(tensor_or_device), width, backend, dtype, is_compiling())
+    return _resolve(as_device(tensor_or_device), width, backend)
 
 
 def causal_conv1d(
@@ -165,10 +160,7 @@ def causal_conv1d(
         ``(batch, dim, L)`` in x's dtype.
     """
     _check_inputs(x, weight, bias, activation)
-    name = _resolve(x.device, weight.shape[1], backend, x.dtype, is_compiling())
-    if name == "cuda":
+    if _resolve(x.device, weight.shape[1], backend) == "cuda":
         fn, _ = probe_cuda_kernel(*CONV_KERNEL)
         return fn(x, weight, bias, activation=activation)
-    if name == "compiled":
-        return compiled_conv(x, weight, bias, activation is not None, False).to(x.dtype)
     return _conv_torch(x, weight, bias, activation)

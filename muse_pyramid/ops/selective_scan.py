@@ -10,10 +10,9 @@ For every batch b, channel d, state n and step t (Gu & Dao, 2023, Alg. 2)::
 
 with ``g(d) = d // (dim // G)`` for B/C grouped into G groups (G = 1 for ``(batch, N, L)``).
 
-Backends: "cuda" (``mamba_ssm``'s kernel), "compiled" (a C kernel for the CPU, built on first
-use: ``_cpu_kernel.py``) and "torch" (chunked, memory-bounded PyTorch for any device:
-``_chunked_scan.py``). All of them apply delta_bias/softplus, the D skip and the z gate with
-ordinary PyTorch ops around the recurrence. In file order: input checks, the readable reference
+Backends: "cuda" (``mamba_ssm``'s kernel) and "torch" (chunked, memory-bounded PyTorch for any
+device: ``_chunked_scan.py``). The torch backend applies delta_bias/softplus, the D skip and the z gate
+with ordinary PyTorch ops around the recurrence. In file order: input checks, the readable reference
 (one step per token), and the dispatching ``selective_scan``.
 Shape letters: batch, dim (channels), L (sequence), N (state), G (groups).
 Tests: ``tests/ops/test_selective_scan.py``.
@@ -29,14 +28,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._chunked_scan import chunked_scan
-from ._cpu_kernel import check_compiled_usable, compiled_scan, compiled_usable
 from ._dispatch import (
     AUTO,
     SCAN_KERNEL,
     as_device,
     check_cuda_usable,
     constant_under_compile,
-    is_compiling,
     probe_cuda_kernel,
     requested_backend,
     warn_cuda_fallback,
@@ -44,7 +41,7 @@ from ._dispatch import (
 
 __all__ = ["selective_scan", "selective_scan_ref", "scan_backend", "SCAN_BACKENDS", "SCAN_BACKEND_ENV"]
 
-SCAN_BACKENDS = ("torch", "compiled", "cuda")
+SCAN_BACKENDS = ("torch", "cuda")
 SCAN_BACKEND_ENV = "MUSE_PYRAMID_SCAN_BACKEND"
 
 ScanOutput = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
@@ -215,11 +212,8 @@ def selective_scan_ref(
 
 
 @constant_under_compile
-def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None, compiling: bool = False) -> str:
-    """Name of the backend that runs tensors of ``device``/``dtype``; raises when forced and unusable.
-
-    While ``torch.compile`` traces (``compiling``), the automatic choice on the CPU is "torch": the
-    compiled C kernel is called through ctypes, which tracing cannot see into."""
+def _resolve(device: torch.device, backend: str | None) -> str:
+    """Name of the backend that runs tensors of ``device``; raises when forced and unusable."""
     name = requested_backend(backend, SCAN_BACKENDS, SCAN_BACKEND_ENV, "selective_scan")
     cuda_fn, reason = probe_cuda_kernel(*SCAN_KERNEL)
     if name == AUTO:
@@ -227,11 +221,9 @@ def _resolve(device: torch.device, dtype: torch.dtype, backend: str | None, comp
             if cuda_fn is not None:
                 return "cuda"
             warn_cuda_fallback("selective_scan", reason)
-        return "compiled" if compiled_usable(device, dtype) and not compiling else "torch"
+        return "torch"
     if name == "cuda":
         check_cuda_usable(cuda_fn, reason, device, "selective_scan")
-    if name == "compiled":
-        check_compiled_usable(device, dtype, "selective_scan")
     return name
 
 
@@ -239,15 +231,13 @@ def scan_backend(tensor_or_device: Union[torch.Tensor, torch.device, str], backe
     """Name of the backend :func:`selective_scan` would use for ``tensor_or_device``.
 
     Args:
-        tensor_or_device: the ``u`` tensor of a call (its device and dtype count), or a device.
+        tensor_or_device: the ``u`` tensor of a call (its device counts), or a device.
         backend: the ``backend=`` argument the call would get (None/"auto" for automatic).
 
     Returns:
         One of :data:`SCAN_BACKENDS`. Raises RuntimeError when a forced backend is unusable.
     """
-    device = as_device(tensor_or_device)
-    dtype = tensor_or_device.dtype if isinstance(tensor_or_device, torch.Tensor) else torch.float32
-    return _resolve(device, dtype, backend, is_compiling())
+    return _resolve(as_device(tensor_or_device), backend)
 
 
 def selective_scan(
@@ -286,19 +276,13 @@ def selective_scan(
         ``out (batch, dim, L)`` in u's dtype, or ``(out, last_state (batch, dim, N))``.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    name = _resolve(u.device, u.dtype, backend, is_compiling())
-    if name == "cuda":
+    if _resolve(u.device, backend) == "cuda":
         fn, _ = probe_cuda_kernel(*SCAN_KERNEL)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
     with _no_autocast(u.device):
-        if name == "compiled":  # fuses bias, softplus, skip and gate into the kernel
-            # the kernel reads B/C time-major: (batch, G, L, N)
-            B_t, C_t = (rearrange(_as_groups(t).to(dtype), "b g n l -> b g l n") for t in (B, C))
-            out, last_state = compiled_scan(u, delta, A, B_t, C_t, D, z, delta_bias, delta_softplus, False)
-        else:
-            u = u.to(dtype)
-            delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
-            y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
-            out = _skip_and_gate(y, u, D, z)
+        u = u.to(dtype)
+        delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
+        y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
+        out = _skip_and_gate(y, u, D, z)
     return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)

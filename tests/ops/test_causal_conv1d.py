@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from muse_pyramid.ops import _cpu_kernel, causal_conv1d, causal_conv1d_ref, conv_backend
+from muse_pyramid.ops import causal_conv1d, causal_conv1d_ref, conv_backend
 
-CPU_BACKENDS = ["torch"] + (["compiled"] if _cpu_kernel.load_kernel() is not None else [])
+CPU_BACKENDS = ["torch"]
 FUNCTIONS = [causal_conv1d_ref] + [functools.partial(causal_conv1d, backend=b) for b in CPU_BACKENDS]
 FUNCTION_IDS = ["ref"] + CPU_BACKENDS
 
@@ -76,17 +76,10 @@ def test_bf16_input_keeps_its_dtype(backend, tolerances):
 
 def test_backend_dispatch(monkeypatch):
     monkeypatch.delenv("MUSE_PYRAMID_CONV_BACKEND", raising=False)
-    monkeypatch.delenv("MUSE_PYRAMID_NO_COMPILE", raising=False)
-    assert conv_backend(torch.zeros(1)) == CPU_BACKENDS[-1]
-    assert conv_backend(torch.zeros(1, dtype=torch.float64)) == "torch"  # the kernel computes in fp32
-    with pytest.raises(RuntimeError, match="float64"):
-        conv_backend(torch.zeros(1, dtype=torch.float64), backend="compiled")
-    with pytest.raises(RuntimeError, match="CPU"):
-        conv_backend("meta", backend="compiled")
-    monkeypatch.setenv("MUSE_PYRAMID_NO_COMPILE", "1")
     assert conv_backend(torch.zeros(1)) == "torch"
-    with pytest.raises(RuntimeError, match="MUSE_PYRAMID_NO_COMPILE"):
-        conv_backend("cpu", backend="compiled")
+    assert conv_backend(torch.zeros(1, dtype=torch.float64)) == "torch"
+    with pytest.raises(ValueError, match="expected one of"):
+        conv_backend("cpu", backend="compiled")  # the C kernel of earlier versions is gone
     monkeypatch.setenv("MUSE_PYRAMID_CONV_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda"):
         causal_conv1d(torch.zeros(1, 2, 3), torch.zeros(2, 4))
