@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from ._validate import _compiling, check_choice, check_frame_mask, check_tensor
-from .config import AGGREGATIONS
+from .config import AGGREGATIONS, MUSEConfig
 
 __all__ = ["AggregatedSequence", "ScaleAggregator"]
 
@@ -48,7 +48,7 @@ class ScaleAggregator(nn.Module):
         mode: "scale_wise" (paper default), "frame_wise" or "spatial_wise" (ablations).
     """
 
-    def __init__(self, mode: str = "scale_wise") -> None:
+    def __init__(self, mode: str = MUSEConfig.aggregation) -> None:
         super().__init__()
         check_choice("mode", mode, AGGREGATIONS)
         self.mode = mode

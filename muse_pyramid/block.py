@@ -18,7 +18,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from ._validate import check_choice, check_positions, check_tensor
-from .config import MIXERS
+from .config import MIXERS, MUSEConfig
 from .mamba import BiMamba
 
 __all__ = ["AttentionMixer", "ResMambaBlock"]
@@ -32,7 +32,7 @@ class AttentionMixer(nn.Module):
         num_heads: attention heads; must divide `dim`.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8) -> None:
+    def __init__(self, dim: int, num_heads: int = MUSEConfig.num_heads) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
@@ -82,13 +82,13 @@ class ResMambaBlock(nn.Module):
     def __init__(
         self,
         dim: int,
-        mixer: str = "bimamba",
-        dropout: float = 0.0,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 1,
-        dt_rank: Union[int, str] = "auto",
-        num_heads: int = 8,
+        mixer: str = MUSEConfig.mixer,
+        dropout: float = MUSEConfig.dropout,
+        d_state: int = MUSEConfig.d_state,
+        d_conv: int = MUSEConfig.d_conv,
+        expand: int = MUSEConfig.expand,
+        dt_rank: Union[int, str] = MUSEConfig.dt_rank,
+        num_heads: int = MUSEConfig.num_heads,
         scan_backend: Optional[str] = None,
         conv_backend: Optional[str] = None,
     ) -> None:

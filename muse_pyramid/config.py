@@ -1,8 +1,10 @@
 """`MUSEConfig`: every default of the MUSE head in one place.
 
-The modules take explicit arguments; this dataclass is the one boundary where a head is described
-as data (saved in checkpoints, rebuilt with `MUSEHead.from_config`). Defaults follow the paper
-(Tang et al., AAAI 2025) and `docs/architecture.md`.
+The modules take explicit arguments, and their keyword defaults read the fields of this class
+(`d_state: int = MUSEConfig.d_state`), so every default lives here and nowhere else
+(`tests/test_config.py` checks each module's signature). The dataclass is also the one boundary where a
+head is described as data (saved in checkpoints, rebuilt with `MUSEHead.from_config`). Defaults follow
+the paper (Tang et al., AAAI 2025) and `docs/architecture.md`.
 """
 
 from __future__ import annotations

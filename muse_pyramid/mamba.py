@@ -41,6 +41,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from ._validate import check_positions, check_prefix_mask, check_tensor
+from .config import MUSEConfig
 from .ops import causal_conv1d, conv_backend, scan_backend, selective_scan
 from .ops._dispatch import INNER_KERNEL, probe_cuda_kernel
 
@@ -86,10 +87,10 @@ class BiMamba(nn.Module):
     def __init__(
         self,
         d_model: int,
-        d_state: int = 16,
-        d_conv: int = 4,
-        expand: int = 1,
-        dt_rank: Union[int, str] = "auto",
+        d_state: int = MUSEConfig.d_state,
+        d_conv: int = MUSEConfig.d_conv,
+        expand: int = MUSEConfig.expand,
+        dt_rank: Union[int, str] = MUSEConfig.dt_rank,
         dt_min: float = 1e-3,
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,

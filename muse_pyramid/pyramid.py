@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from ._validate import check_choice, check_tensor
-from .config import SCALES
+from .config import SCALES, MUSEConfig
 
 __all__ = ["LayerNorm2d", "PointwiseConv2d", "PyramidLevel", "FeaturePyramid"]
 
@@ -119,7 +119,7 @@ class FeaturePyramid(nn.Module):
         scales: scale factors, each in (0.25, 0.5, 1.0, 2.0, 4.0); the output keeps this order.
     """
 
-    def __init__(self, dim: int, scales: Sequence[float] = (0.5, 1.0, 2.0)) -> None:
+    def __init__(self, dim: int, scales: Sequence[float] = MUSEConfig.scales) -> None:
         super().__init__()
         if not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
