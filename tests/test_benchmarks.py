@@ -44,6 +44,7 @@ def _check_machine(machine):
     assert machine["torch"] == torch.__version__
 
 
+@pytest.mark.slow
 def test_bench_head_quick(tmp_path):
     pytest.importorskip("matplotlib")
     payload, out = _run("bench_head.py", tmp_path, "--points", "1x7", "2x7")
@@ -75,6 +76,7 @@ def test_bench_head_quick(tmp_path):
     assert payload["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("from_cache", [False, True], ids=["clip", "from_cache"])
 def test_bench_step_quick(tmp_path, from_cache):
     pytest.importorskip("open_clip")

@@ -22,6 +22,7 @@ def _head():
     return head
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("training", [False, True])
 def test_head_compiles_fullgraph(training):
     head = _head().train(training)

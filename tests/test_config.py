@@ -5,7 +5,15 @@ import inspect
 
 import pytest
 
-from muse_pyramid import AttentionMixer, BiMamba, FeaturePyramid, MUSEConfig, MUSEHead, ResMambaBlock, ScaleAggregator
+from muse_pyramid import (
+    AttentionMixer,
+    BiMamba,
+    FeaturePyramid,
+    MUSEConfig,
+    MUSEHead,
+    ResMambaBlock,
+    ScaleAggregator,
+)
 
 # module -> {its parameter: the MUSEConfig field it takes its default from}
 SHARED = {

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from muse_pyramid import BiMamba
 from muse_pyramid.mamba import reversal_index
 from muse_pyramid.ops import causal_conv1d_ref, selective_scan_ref
+from tests.reference import scan_f64
 
 SCAN_BACKENDS = ["torch"]
 
@@ -23,13 +24,8 @@ def _ref_direction(m, xz, s):
     dt_proj = getattr(m, f"dt_proj{s}")
     delta = F.softplus(dt @ dt_proj.weight.double().t() + dt_proj.bias.double()).transpose(1, 2)  # (B, D, L)
     a = -torch.exp((m.A_log if not s else m.A_b_log).double())
-    h = torch.zeros(x.shape[0], m.d_inner, m.d_state, dtype=torch.float64)
-    ys = []
-    for t in range(x.shape[-1]):
-        h = torch.exp(delta[:, :, t, None] * a) * h + delta[:, :, t, None] * b[:, None, t] * x[:, :, t, None]
-        ys.append((h * c[:, None, t]).sum(-1))
-    y = torch.stack(ys, dim=-1) + getattr(m, f"D{s}").double()[:, None] * x
-    return y * F.silu(z)
+    y, _ = scan_f64(x, delta, a, b.transpose(1, 2), c.transpose(1, 2), getattr(m, f"D{s}"), z)
+    return y
 
 
 def _reference(m, u):

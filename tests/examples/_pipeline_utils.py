@@ -20,9 +20,10 @@ TINY_CLIP = {"embed_dim": 32, "image_size": 16, "patch_size": 8, "vision_width":
 TINY_MUSE = {"depth": 1, "d_state": 4, "scales": (0.5, 1.0, 2.0)}
 
 
-def tiny_clip(seed: int = 0) -> torch.nn.Module:
+def tiny_clip(seed: int = 0, **overrides) -> torch.nn.Module:
+    """The tests' one small random CLIP (`TINY_CLIP`, with `overrides`), in eval mode."""
     torch.manual_seed(seed)
-    return build_small_clip(**TINY_CLIP)
+    return build_small_clip(**{**TINY_CLIP, **overrides}).eval()
 
 
 def tiny_model(sim_header: str = "MUSE", seed: int = 0, **muse) -> CLIP4Clip:

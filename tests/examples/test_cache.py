@@ -30,6 +30,7 @@ from tvr.cache.writer import frame_settings
 from tvr.data import FrameConfig, RetrievalDataset, msrvtt
 from tvr.distributed import DistInfo
 
+from tests.examples._pipeline_utils import tiny_clip
 from tests.examples.fixtures import make_msrvtt_fixture
 
 pytest.importorskip("open_clip")
@@ -44,11 +45,8 @@ SHARDS = {"shard_clips": 2, "shard_texts": 4, "batch_size": 1, "progress": False
 
 
 def small_clip(seed: int = 0):
-    from tvr.model import build_small_clip
-
-    torch.manual_seed(seed)
-    return build_small_clip(embed_dim=32, image_size=32, patch_size=16, vision_width=64, vision_layers=1,
-                            text_width=64, text_layers=1, context_length=MAX_WORDS).eval()
+    """The shared tiny CLIP at this file's frame size (32 px, a 2 x 2 grid) and caption length."""
+    return tiny_clip(seed, image_size=32, patch_size=16, context_length=MAX_WORDS)
 
 
 def tokenize(texts):

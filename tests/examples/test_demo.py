@@ -1,9 +1,11 @@
 """The CPU demo end to end (examples/tvr/demo.py), reduced but real: it must learn, not only run."""
 
+import pytest
 from tvr.checkpoint import CHECKPOINT_NAME
 from tvr.demo import DemoConfig, run_demo
 
 
+@pytest.mark.slow
 def test_demo_learns_far_above_chance(tmp_path, capsys):
     cfg = DemoConfig(n_train_videos=36, n_test_videos=12, epochs=2)
     results = run_demo(output_dir=str(tmp_path), seed=0, progress=False, config=cfg)

@@ -30,6 +30,7 @@ def _single_process(seed: int, batch: int, grad_accum: int):
     return loss, {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_single_process_on_global_batch(tmp_path):
     seed, world = 7, 2
     mp.spawn(ddp_grad_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed), nprocs=world, join=True)
@@ -85,6 +86,7 @@ def test_single_process_init_without_torchrun(monkeypatch):
     assert info.device == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path):
     import json
 
