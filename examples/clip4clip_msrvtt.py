@@ -7,16 +7,8 @@ Run from anywhere; the pipeline lives in `examples/tvr/` (see `examples/tvr/args
 """
 
 import sys
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-try:
-    import muse_pyramid  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(1, str(_HERE.parent))
-
-from tvr.cli import entry_point  # noqa: E402
+from tvr.cli import entry_point  # `tvr` sits beside this script, on sys.path
 
 if __name__ == "__main__":
     sys.exit(entry_point("msrvtt"))

@@ -6,16 +6,8 @@ Settings come from the checkpoint (see `examples/tvr/report_cli.py`); docs/repro
 """
 
 import sys
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE))
-try:
-    import muse_pyramid  # noqa: F401
-except ImportError:  # running from a checkout without `pip install -e .`
-    sys.path.insert(1, str(_HERE.parent))
-
-from tvr.report_cli import main  # noqa: E402
+from tvr.report_cli import main  # `tvr` sits beside this script, on sys.path
 
 if __name__ == "__main__":
     sys.exit(main())
