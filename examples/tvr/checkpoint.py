@@ -165,8 +165,9 @@ def _check_training(obj: Mapping[str, Any], path: Path) -> None:
 
 def load_training_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.device]] = "cpu"
                              ) -> Tuple[Dict[str, Any], Path]:
-    """The training checkpoint `path` (for `--resume`), or the `checkpoint_prev.pt` beside it when `path`
-    is missing or damaged (logged as a warning). Returns `(checkpoint, the path read)`."""
+    """The training checkpoint `path` (for `--resume`), or the `checkpoint_prev.pt` beside it when `path` is
+    a run's `checkpoint_last.pt` that is missing or damaged (logged as a warning). Any other file that is
+    not a training checkpoint (`--resume model_best.pt`) is an error. Returns `(checkpoint, the path read)`."""
     path = Path(path)
     prev = path.with_name(PREV_NAME)
     try:
@@ -174,7 +175,7 @@ def load_training_checkpoint(path: PathLike, map_location: Optional[Union[str, t
         _check_training(obj, path)
         return obj, path
     except (CheckpointError, FileNotFoundError) as err:
-        if prev == path or not prev.is_file():
+        if path.name != CHECKPOINT_NAME or not prev.is_file():
             raise
         failure = err
     obj = load_checkpoint(prev, map_location)

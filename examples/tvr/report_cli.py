@@ -9,6 +9,7 @@ pipeline flag given after the checkpoint is passed on and wins (e.g. `--data_pat
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -21,7 +22,7 @@ _CARRIED = ("data_path", "features_path", "cache_dir", "train_csv", "val_csv", "
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import load_checkpoint
-    from .cli import entry_point
+    from .cli import entry_point, error_line
 
     p = argparse.ArgumentParser(prog="report.py", description="Evaluate a checkpoint and write its retrieval "
                                 "report (report.html), with the settings it was trained with.")
@@ -30,7 +31,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output_dir", help="default: <checkpoint folder>/eval_<split>")
     args, rest = p.parse_known_args(argv)
     ckpt = Path(args.checkpoint)
-    saved = load_checkpoint(ckpt).get("args") or {}
+    try:
+        saved = load_checkpoint(ckpt).get("args") or {}
+    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign: one line, as every command
+        print(error_line(err), file=sys.stderr)
+        return 2
     dataset = saved.get("dataset")
     if dataset is None:
         raise SystemExit(f"error: {ckpt} stores no run arguments; use the data set's entry point: "

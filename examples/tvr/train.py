@@ -321,13 +321,23 @@ def train(args: argparse.Namespace, info: DistInfo,
     results: Dict[str, Any] = {"history": history, "best_epoch": best_epoch,
                                "selection": "val t2v R@1" if select_on_val else "last epoch", "test": None}
     best_path = out_dir / BEST_NAME
+    tested_epoch = history[-1]["epoch"] if history else best_epoch  # the weights in memory, without a best file
     if best_path.is_file():
-        model.load_state_dict(load_checkpoint(best_path, map_location=info.device)["model"])
+        best_ckpt = load_checkpoint(best_path, map_location=info.device)
+        model.load_state_dict(best_ckpt["model"])
+        tested_epoch = int(best_ckpt.get("epoch", best_epoch))
+        if best_epoch is not None and tested_epoch != best_epoch and info.is_main:
+            # e.g. a resume from checkpoint_prev.pt after the latest checkpoint was damaged: the best file
+            # can come from the lost epoch; the results name the epoch of the weights actually tested
+            logger.warning("%s holds epoch %d while the run's record selects epoch %d; testing the file's weights",
+                           best_path, tested_epoch + 1, best_epoch + 1)
+        results["best_epoch"] = tested_epoch
     if args.do_test:
         test = evaluate_split("test", args.dsl)
         results["test"] = {k: v for k, v in test.items() if k not in ("text", "video", "gt")}
         if info.is_main:
-            write_results(results, out_dir, title=f"{args.dataset} test (epoch {best_epoch + 1}, {args.sim_header})")
+            title = f"{args.dataset} test (epoch {int(tested_epoch) + 1}, {args.sim_header})"
+            write_results(results, out_dir, title=title)
             if getattr(args, "report", False):
                 from .report import write_run_report
 

@@ -78,3 +78,14 @@ def test_errors(fx, tmp_path):
         msvd.load_split(tmp_path, fx.features_path, "test")
     with pytest.raises(FileNotFoundError, match="video folder"):
         msvd.load_split(fx.data_path, tmp_path / "nowhere", "test")
+
+
+@pytest.mark.parametrize("payload", [b"\x80\x02}(K\x01]e.", b"\x80\x02]q\x00.", b"not a pickle"])
+def test_malformed_captions_pickle_is_an_annotation_error(tmp_path, payload):
+    from tvr.data.base import AnnotationError
+    from tvr.data.msvd import read_captions
+
+    path = tmp_path / "raw-captions.pkl"
+    path.write_bytes(payload)
+    with pytest.raises(AnnotationError, match="raw-captions.pkl"):
+        read_captions(path)

@@ -202,6 +202,17 @@ def test_resume_falls_back_after_a_truncated_checkpoint(data, tmp_path):
     assert [h["epoch"] for h in result["history"]] == [0, 1] and load_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 1
 
 
+def test_resume_from_the_best_weights_is_an_error_not_a_fallback(data, tmp_path):
+    """`--resume run/model_best.pt` (a slip) must not silently resume from checkpoint_prev.pt."""
+    from tvr.checkpoint import BEST_NAME, load_training_checkpoint
+
+    train(tiny_args(data, tmp_path, "--epochs", "2", argv=["--no_test"]), DistInfo())
+    assert (tmp_path / PREV_NAME).is_file() and (tmp_path / BEST_NAME).is_file()
+    with pytest.raises(CheckpointError, match="model_best.pt is not a training checkpoint"):
+        load_training_checkpoint(tmp_path / BEST_NAME)
+    assert load_training_checkpoint(tmp_path / CHECKPOINT_NAME)[0]["epoch"] == 1
+
+
 def test_resume_from_the_wrong_kind_of_file_is_named(data, tmp_path):
     torch.save({"model": {}, "epoch": 0}, tmp_path / "weights.pt")
     args = tiny_args(data, tmp_path / "run", "--resume", str(tmp_path / "weights.pt"))
