@@ -10,12 +10,9 @@ from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
+from .ops._dispatch import is_compiling as _compiling
+
 __all__ = ["check_tensor", "check_choice", "infer_grid", "check_frame_mask", "check_positions", "check_prefix_mask"]
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def check_tensor(name: str, x: object, ndim: int, expected: str) -> torch.Tensor:

@@ -39,6 +39,7 @@ from .aggregate import ScaleAggregator, levels_to_tokens
 from .block import ResMambaBlock
 from .config import MUSEConfig
 from .ops import conv_backend, scan_backend
+from .ops._dispatch import is_compiling
 from .pyramid import FeaturePyramid
 
 __all__ = ["InitOverwrittenWarning", "MUSEHead", "pool_video"]
@@ -286,7 +287,7 @@ class MUSEHead(nn.Module):
 
     def _check_init(self) -> None:
         """Once, at the first training forward: warn when the initialisation was overwritten."""
-        if self._init_checked or not self.training or torch.compiler.is_compiling():
+        if self._init_checked or not self.training or is_compiling():
             return
         self._init_checked = True
         names = self.init_overwritten()
@@ -301,7 +302,7 @@ class MUSEHead(nn.Module):
             )
 
     def _log_backend(self, tokens: torch.Tensor) -> None:
-        if self._backend_logged or torch.compiler.is_compiling():
+        if self._backend_logged or is_compiling():
             return
         self._backend_logged = True
         mixer = self._config.mixer
