@@ -146,8 +146,12 @@ def load_checkpoint(path: PathLike, map_location: Optional[Union[str, torch.devi
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, AttributeError, KeyError,
             IndexError, TypeError) as err:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged or another "
-                              f"format): {type(err).__name__}: {' '.join(str(err).split())[:200]}") from err
+        detail = " ".join(str(err).split())
+        if isinstance(err, pickle.UnpicklingError):  # torch's text suggests weights_only=False: not here
+            detail = detail.split(" In PyTorch 2.6")[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged, another format, "
+                              f"or objects that weights-only loading refuses): {type(err).__name__}: "
+                              f"{detail[:200]}") from err
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict (a state dict or a "
                               "training checkpoint)")
