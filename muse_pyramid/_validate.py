@@ -99,7 +99,9 @@ def check_prefix_mask(mask: object, shape: Sequence[int]) -> torch.Tensor:
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"mask must have shape (B, L) = {tuple(shape)}, got {tuple(mask.shape)}")
     mask = mask.bool()
-    if mask.device.type == "cpu" and not _compiling() and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
-        rows = (mask[:, 1:] & ~mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
-        raise ValueError(f"mask must hold its real tokens (True) before the padding, rows {rows} do not")
+    if mask.device.type == "cpu" and not _compiling():
+        bad = (mask[:, 1:] & ~mask[:, :-1]).any(dim=1)  # a real token right after a padded one
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"mask must hold its real tokens (True) before the padding, rows {rows} do not")
     return mask

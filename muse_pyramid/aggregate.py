@@ -23,8 +23,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ._validate import _compiling, check_choice, check_frame_mask, check_tensor
+from ._validate import check_choice, check_frame_mask, check_tensor
 from .config import AGGREGATIONS, MUSEConfig
+from .ops._dispatch import is_compiling
 
 __all__ = ["AggregatedSequence", "ScaleAggregator"]
 
@@ -86,7 +87,7 @@ class ScaleAggregator(nn.Module):
                     f"levels[{k}] must have shape (B, T, S_k, C) = ({b}, {t}, S_k, {c}), got {tuple(level.shape)}"
                 )
         mask = check_frame_mask(frame_mask, b, t)
-        if mask is not None and not _compiling() and bool(mask.all()):  # eager only: a host sync
+        if mask is not None and not is_compiling() and bool(mask.all()):  # eager only: a host sync
             mask = None
 
         if self.mode == "scale_wise":
