@@ -9,11 +9,14 @@ Compares, at batch=8, dim=512, N=16 (MUSE's mixer width) and L in {256, 1024, 30
         plain_pre  the same loop over decays/inputs precomputed for all steps (batch, dim, L, N),
                    stepped with ``unbind`` (indexing would allocate a full gradient per step)
       the ratios use the faster of the two per measurement ("best plain loop");
-  (b) every ``muse_pyramid.ops.selective_scan`` backend available on the device;
+  (b) every ``muse_pyramid.ops.selective_scan`` backend available on the device; on the CPU the
+      ``torch`` backend runs the fused CPU kernel when it builds (``_cpu_kernel.py``), and
+      ``torch_portable`` is the same backend with the kernel off (``MUSE_PYRAMID_CPU_KERNEL=0``):
+      the op-by-op PyTorch scan that GPUs without mamba-ssm run;
   (c) mamba_ssm's CUDA kernel when importable (``--device cuda``).
 
 The script also counts the ATen ops that one ``torch``-backend forward+backward dispatches (batch 2,
-dim 64, N 16, L 3,060, with z, D and delta_softplus; ``--ops_length`` changes L), with a
+dim 64, N 16, L 3,060, with z, D and delta_softplus, the CPU kernel off; ``--ops_length`` changes L), with a
 ``TorchDispatchMode``: on a GPU each is a kernel launch. The portable scan is a ``torch.library``
 custom op, which hides its inner ops from dispatch modes, so the count runs its autograd.Function
 twin (the same ATen ops).
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 from pathlib import Path
 from unittest import mock
@@ -45,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
+from muse_pyramid.ops._cpu_kernel import CPU_KERNEL_ENV, kernel_usable  # noqa: E402
 from muse_pyramid.ops import (  # noqa: E402
     SCAN_BACKENDS,
     _chunked_scan,  # noqa: E402
@@ -88,7 +93,7 @@ class _CountOps(TorchDispatchMode):
 def count_torch_ops(length, device, batch=2, dim=64, n_state=16):
     """ATen ops of one torch-backend selective_scan forward+backward (z, D, delta_bias, softplus on)."""
     inputs = make_inputs(batch, dim, length, n_state, device)
-    with mock.patch.object(_chunked_scan, "_run", _chunked_scan._run_function), _CountOps() as counter:
+    with mock.patch.object(_chunked_scan, "_run", _chunked_scan._run_function), portable(), _CountOps() as counter:
         selective_scan(**inputs, delta_softplus=True, backend="torch").sum().backward()
     total = sum(counter.counts.values())
     return {"batch": batch, "dim": dim, "N": n_state, "L": length, "aten_ops": total,
@@ -111,6 +116,11 @@ def make_inputs(batch, dim, length, n_state, device, seed=0):
     return {k: v.to(device).requires_grad_() for k, v in inputs.items()}
 
 
+def portable():
+    """The torch backend without the fused CPU kernel, for the duration of a ``with`` block."""
+    return mock.patch.dict(os.environ, {CPU_KERNEL_ENV: "0"})
+
+
 def runner(method, inputs, backward):
     """One call: forward (under no_grad) or forward+backward of ``method`` on ``inputs``."""
 
@@ -119,6 +129,9 @@ def runner(method, inputs, backward):
             return selective_scan_ref(**inputs, delta_softplus=True)
         if method == "plain_pre":
             return plain_precomputed(**inputs, delta_softplus=True)
+        if method == "torch_portable":
+            with portable():
+                return selective_scan(**inputs, delta_softplus=True, backend="torch")
         backend = "cuda" if method == "mamba_ssm" else method
         return selective_scan(**inputs, delta_softplus=True, backend=backend)
 
@@ -158,7 +171,7 @@ def peak_extra_bytes(run, device):
     return peak
 
 
-def methods_for(device, length, plain_max, plain_pre_max):
+def methods_for(device, length, plain_max, plain_pre_max, n_state):
     methods = ["plain"] if length <= plain_max else []
     methods += ["plain_1t"] if length <= plain_max and torch.get_num_threads() > 1 else []
     methods += ["plain_pre"] if length <= plain_pre_max else []
@@ -168,6 +181,8 @@ def methods_for(device, length, plain_max, plain_pre_max):
         except RuntimeError:
             continue
         methods.append("mamba_ssm" if name == "cuda" else name)
+    if kernel_usable(device, torch.float32, n_state):
+        methods.append("torch_portable")
     return methods
 
 
@@ -221,7 +236,7 @@ def main() -> None:
         help="skip plain_pre (holds (B, D, L, N) tensors) above this L",
     )
     parser.add_argument(
-        "--methods", nargs="+", default=None, help="only these (plain, plain_1t, plain_pre, torch, mamba_ssm)"
+        "--methods", nargs="+", default=None, help="only these (plain, plain_1t, plain_pre, torch, torch_portable, mamba_ssm)"
     )
     parser.add_argument("--ops_length", type=int, default=3060, help="L of the ATen op count")
     args = parser.parse_args()
@@ -242,7 +257,7 @@ def main() -> None:
     print(f"ATen ops, torch backend fwd+bwd at batch 2, dim 64, N 16, L {args.ops_length}: {op_count['aten_ops']}")
     rows = []
     for length in args.lengths:
-        for method in methods_for(device, length, args.plain_max_length, args.plain_pre_max_length):
+        for method in methods_for(device, length, args.plain_max_length, args.plain_pre_max_length, args.state):
             if args.methods and method not in args.methods:
                 continue
             rows.append(measure(method, length, args, device))

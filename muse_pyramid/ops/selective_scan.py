@@ -11,8 +11,9 @@ For every batch b, channel d, state n and step t (Gu & Dao, 2023, Alg. 2)::
 with ``g(d) = d // (dim // G)`` for B/C grouped into G groups (G = 1 for ``(batch, N, L)``).
 
 Backends: "cuda" (``mamba_ssm``'s kernel) and "torch" (chunked, memory-bounded PyTorch for any
-device: ``_chunked_scan.py``). The torch backend applies delta_bias/softplus, the D skip and the z gate
-with ordinary PyTorch ops around the recurrence. In file order: input checks, the readable reference
+device: ``_chunked_scan.py``, with delta_bias/softplus, the D skip and the z gate as ordinary PyTorch
+ops around the recurrence). On fp32 CPU tensors the torch backend runs the optional fused CPU kernel
+(``_cpu_kernel.py``) instead when it can be built. In file order: input checks, the readable reference
 (one step per token), and the dispatching ``selective_scan``.
 Shape letters: batch, dim (channels), L (sequence), N (state), G (groups).
 Tests: ``tests/ops/test_selective_scan.py``.
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ._chunked_scan import chunked_scan
+from ._cpu_kernel import fused_selective_scan, kernel_usable
 from ._dispatch import (
     AUTO,
     SCAN_KERNEL,
@@ -227,6 +229,12 @@ def _resolve(device: torch.device, backend: str | None) -> str:
     return name
 
 
+@constant_under_compile
+def _fused_on_cpu(device: torch.device, dtype: torch.dtype, n_state: int) -> bool:
+    """Whether the "torch" backend runs the fused CPU kernel here (``_cpu_kernel.py``)."""
+    return kernel_usable(device, dtype, n_state)
+
+
 def scan_backend(tensor_or_device: Union[torch.Tensor, torch.device, str], backend: str | None = None) -> str:
     """Name of the backend :func:`selective_scan` would use for ``tensor_or_device``.
 
@@ -280,6 +288,14 @@ def selective_scan(
         fn, _ = probe_cuda_kernel(*SCAN_KERNEL)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
+    if _fused_on_cpu(u.device, dtype, A.shape[-1]):
+        with _no_autocast(u.device):
+            out, last_state = fused_selective_scan(
+                *(t.to(dtype) for t in (u, delta, A, _as_groups(B), _as_groups(C))),
+                *(None if t is None else t.to(dtype) for t in (D, z, delta_bias)),
+                delta_softplus,
+            )
+        return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
     with _no_autocast(u.device):
         u = u.to(dtype)
         delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)

@@ -1,0 +1,171 @@
+"""Optional fused CPU kernel of the "torch" scan backend (``csrc/selective_scan_cpu.cpp``).
+
+The portable scan (``_chunked_scan.py``) runs op by op, which suits a GPU and not a CPU: each op is a
+pass over state-sized ``(steps, batch, dim, N)`` tensors, so on a CPU the scan is bound by memory
+traffic, and softplus, the D skip and the z gate add passes of their own. This kernel computes the
+whole ``selective_scan`` (delta_bias and softplus, the recurrence, D and the gate; forward, and a
+backward that recomputes the states block by block) with one channel's state in registers, as
+mamba-ssm's CUDA kernel does on a GPU. It is an accelerator, not a dependency:
+
+- built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; about 10 s on
+  2 cores, once per machine: PyTorch caches the build under ``$TORCH_EXTENSIONS_DIR``);
+- two ``torch.library`` ops, ``muse_pyramid_cpu::scan_fwd`` / ``scan_bwd``, with fake implementations
+  and autograd registered here, so autograd and ``torch.compile`` see one op;
+- threaded with ``at::parallel_for``: PyTorch's own intra-op threads (``torch.set_num_threads``
+  applies; no second thread pool);
+- fp32 CPU tensors and N = 16 states only (MUSE's and Mamba's d_state). Everything else, and every machine where it cannot be built, runs the
+  portable path, with one INFO log saying why. ``MUSE_PYRAMID_CPU_KERNEL=0`` turns it off.
+
+Tests: ``tests/ops/test_selective_scan.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+import torch
+from einops import rearrange
+
+__all__ = ["CPU_KERNEL_ENV", "kernel_usable", "fused_selective_scan"]
+
+_logger = logging.getLogger("muse_pyramid.ops")
+
+CPU_KERNEL_ENV = "MUSE_PYRAMID_CPU_KERNEL"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+# AVX2 and FMA where PyTorch reads them on this CPU (the kernel's vectors are 8 floats wide); the
+# name keeps builds for different CPUs apart in a shared extensions folder
+
+
+def _isa() -> str:
+    reader = getattr(torch.backends.cpu, "get_cpu_capability", None)
+    capability = reader().lower() if reader is not None else "default"
+    return "avx2" if capability in ("avx2", "avx512") else "default"
+
+
+# the kernel keeps one channel's state in one SIMD value of this many floats
+KERNEL_STATES = 16
+# steps per block of the backward's recomputation: a task's buffers hold 2 * BLOCK * N floats
+BLOCK = 512
+
+
+@functools.cache
+def _build() -> Tuple[Optional[Any], str]:
+    """``(torch.ops.muse_pyramid_cpu, "")`` once built, loaded and registered, else ``(None, reason)``.
+    Cached per process."""
+    if not hasattr(torch.library, "register_autograd"):
+        return None, f"torch {torch.__version__} has no torch.library.register_autograd (needs 2.4 or newer)"
+    try:
+        extension_logger = logging.getLogger("torch.utils.cpp_extension")
+        level = extension_logger.level
+        extension_logger.setLevel(logging.ERROR)  # a CUDA build of torch on a machine without CUDA warns
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            extension_logger.setLevel(level)
+        if not cpp_extension.is_ninja_available():
+            return None, "ninja is not installed (pip install ninja)"
+        isa = _isa()
+        _logger.info("selective_scan: building the fused CPU kernel (%s; once per machine)", isa)
+        cpp_extension.load(
+            name=f"muse_pyramid_cpu_scan_{isa}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if isa == "avx2" else [])],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: the portable path runs
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return None, f"it could not be built ({type(exc).__name__}: {first[:300]})"
+    _register()
+    return torch.ops.muse_pyramid_cpu, ""
+
+
+def _register() -> None:
+    """Fake implementations and autograd of the two C++ ops (their schemas are in the .cpp file)."""
+
+    @torch.library.register_fake("muse_pyramid_cpu::scan_fwd")
+    def _fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, steps):  # noqa: ANN001
+        blocks = -(-u.shape[-1] // steps)
+        n_state = A.shape[-1]
+        return u.new_empty(u.shape), u.new_empty(*u.shape[:2], n_state), u.new_empty(blocks, *u.shape[:2], n_state)
+
+    @torch.library.register_fake("muse_pyramid_cpu::scan_bwd")
+    def _bwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, starts, dout, dlast, steps):  # noqa: ANN001
+        dz = u.new_empty(u.shape) if z is not None else u.new_empty(0)
+        dim = u.shape[1]
+        return (u.new_empty(u.shape), u.new_empty(u.shape), A.new_empty(A.shape), Bt.new_empty(Bt.shape),
+                Ct.new_empty(Ct.shape), u.new_empty(dim), dz, u.new_empty(dim))
+
+    def _setup_context(ctx, inputs, output):  # noqa: ANN001
+        u, delta, A, Bt, Ct, D, z, delta_bias, softplus, steps = inputs
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, delta_bias, output[2])
+        ctx.softplus, ctx.steps = softplus, steps
+
+    def _backward(ctx, dout, dlast, _dstarts):  # noqa: ANN001
+        u, delta, A, Bt, Ct, D, z, delta_bias, starts = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dlast = u.new_zeros(*u.shape[:2], A.shape[-1]) if dlast is None else dlast.contiguous()
+        du, ddelta, dA, dBt, dCt, dD, dz, dbias = torch.ops.muse_pyramid_cpu.scan_bwd(
+            u, delta, A, Bt, Ct, D, z, delta_bias, ctx.softplus, starts, dout, dlast, ctx.steps
+        )
+        return (du, ddelta, dA, dBt, dCt, dD if D is not None else None, dz if z is not None else None,
+                dbias if delta_bias is not None else None, None, None)
+
+    torch.library.register_autograd("muse_pyramid_cpu::scan_fwd", _backward, setup_context=_setup_context)
+
+
+@functools.cache
+def _log_unavailable(reason: str) -> None:
+    _logger.info("selective_scan: fp32 CPU tensors run on the op-by-op PyTorch path because %s", reason)
+
+
+def kernel_usable(device: torch.device, dtype: torch.dtype, n_state: int) -> bool:
+    """True when the fused kernel runs a scan on ``device`` in compute ``dtype`` with ``n_state``
+    states: fp32 on the CPU with N = 16 (Mamba's and MUSE's d_state), not turned off by
+    ``MUSE_PYRAMID_CPU_KERNEL=0``, and built (the first call builds it)."""
+    if device.type != "cpu" or dtype != torch.float32 or n_state != KERNEL_STATES:
+        return False
+    if os.environ.get(CPU_KERNEL_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    ops, reason = _build()
+    if ops is None:
+        _log_unavailable(reason)
+    return ops is not None
+
+
+def fused_selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor],
+    z: Optional[torch.Tensor],
+    delta_bias: Optional[torch.Tensor],
+    delta_softplus: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The whole selective scan in the kernel (only after :func:`kernel_usable` said yes).
+
+    Args:
+        u, delta, z: ``(batch, dim, L)`` fp32 (z may be None).
+        A: ``(dim, N)``; D, delta_bias: ``(dim,)`` or None.
+        B, C: ``(batch, G, N, L)``.
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+
+    Returns:
+        ``out (batch, dim, L)`` and ``last_state (batch, dim, N)``.
+    """
+    def contiguous(t):  # noqa: ANN001, ANN202
+        return None if t is None else t.contiguous()
+
+    out, last, _ = torch.ops.muse_pyramid_cpu.scan_fwd(
+        u.contiguous(), delta.contiguous(), A.contiguous(),
+        rearrange(B, "b g n l -> b g l n").contiguous(), rearrange(C, "b g n l -> b g l n").contiguous(),
+        contiguous(D), contiguous(z), contiguous(delta_bias), delta_softplus, BLOCK,
+    )
+    return out, last
