@@ -49,7 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 
-from muse_pyramid.ops._cpu_kernel import CPU_KERNEL_ENV, kernel_usable  # noqa: E402
 from muse_pyramid.ops import (  # noqa: E402
     SCAN_BACKENDS,
     _chunked_scan,  # noqa: E402
@@ -57,6 +56,7 @@ from muse_pyramid.ops import (  # noqa: E402
     selective_scan,
     selective_scan_ref,
 )
+from muse_pyramid.ops._cpu_kernel import CPU_KERNEL_ENV, kernel_usable  # noqa: E402
 
 PLAIN = ("plain", "plain_1t", "plain_pre")
 MEASURES = ("fwd_s", "fwdbwd_s", "fwd_peak_mib", "fwdbwd_peak_mib")

@@ -85,8 +85,10 @@ def _build() -> Tuple[Optional[Any], str]:
     return torch.ops.muse_pyramid_cpu, ""
 
 
+@functools.cache
 def _register() -> None:
-    """Fake implementations and autograd of the two C++ ops (their schemas are in the .cpp file)."""
+    """Fake implementations and autograd of the two C++ ops (their schemas are in the .cpp file); once
+    per process."""
 
     @torch.library.register_fake("muse_pyramid_cpu::scan_fwd")
     def _fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, steps):  # noqa: ANN001

@@ -1,4 +1,5 @@
-"""selective_scan against a float64 reference written from the recurrence, for every CPU backend.
+"""selective_scan against a float64 reference written from the recurrence, for every CPU backend,
+with the fused CPU kernel on and off (the kernel's own tests: ``test_cpu_kernel.py``).
 
 Covers values, last state and every gradient (including through last_state), chunk boundaries of
 the PyTorch path, numerical safety, autocast, dispatch (argument, environment, fallbacks) and
@@ -11,72 +12,34 @@ import pytest
 import torch
 
 import muse_pyramid.ops._chunked_scan as chunked_module
-from muse_pyramid.ops import scan_backend, selective_scan, selective_scan_ref
-from tests.reference import scan_f64
+from muse_pyramid.ops import _cpu_kernel, scan_backend, selective_scan, selective_scan_ref
+from muse_pyramid.ops._cpu_kernel import CPU_KERNEL_ENV
+from tests.reference import (
+    assert_rel_close,
+    check_against_reference,
+    extreme_inputs,
+    make_inputs,
+    scan_f64,
+)
 
 CPU_BACKENDS = ["torch"]
+
+
+@pytest.fixture(params=["cpu-kernel", "portable"], autouse=True)
+def cpu_path(request, monkeypatch):
+    """Every test twice: the torch backend with its fused CPU kernel (fp32, N = 16), and without it."""
+    if request.param == "portable":
+        monkeypatch.setenv(CPU_KERNEL_ENV, "0")
+    else:
+        monkeypatch.delenv(CPU_KERNEL_ENV, raising=False)
+        ops, reason = _cpu_kernel._build()
+        if ops is None:
+            pytest.skip(f"the fused CPU kernel is unavailable: {reason}")
+    return request.param
+
+
 # the module, not the function of the same name that muse_pyramid.ops exports
 scan_module = importlib.import_module("muse_pyramid.ops.selective_scan")
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def make_inputs(batch, dim, length, n_state, groups=0, seed=0, dtype=torch.float32):
-    """Random inputs at Mamba-like scales; groups=0 means B/C of shape (batch, N, L)."""
-    g = torch.Generator().manual_seed(seed)
-    bc_shape = (batch, n_state, length) if groups == 0 else (batch, groups, n_state, length)
-    return {
-        "u": torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        "delta": 0.5 * torch.rand(batch, dim, length, generator=g, dtype=dtype) - 0.2,
-        "A": -torch.exp(torch.randn(dim, n_state, generator=g, dtype=dtype)),
-        "B": torch.randn(*bc_shape, generator=g, dtype=dtype),
-        "C": torch.randn(*bc_shape, generator=g, dtype=dtype),
-        "D": torch.randn(dim, generator=g, dtype=dtype),
-        "z": torch.randn(batch, dim, length, generator=g, dtype=dtype),
-        "delta_bias": 0.1 * torch.randn(dim, generator=g, dtype=dtype),
-    }
-
-
-def assert_rel_close(actual, expected, rtol, atol, name=""):
-    """assert_close with atol relative to the reference's largest magnitude."""
-    scale = expected.abs().max().item() or 1.0
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}"
-    )
-
-
-def check_against_reference(
-    inputs, softplus, backend, tolerances, grad_names=NAMES, last_state_grad=True, dtype=torch.float32,
-):
-    """Forward values, last state and the gradients of ``grad_names`` against scan_f64."""
-    inputs = {k: v for k, v in inputs.items() if v is not None}
-    ours = {k: v.clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
-    ref = {k: v.double().clone().requires_grad_(k in grad_names) for k, v in inputs.items()}
-    out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
-    out_ref, last_ref = scan_f64(**ref, delta_softplus=softplus)
-    assert out.dtype == inputs["u"].dtype and out.shape == inputs["u"].shape
-    assert last.dtype == torch.promote_types(dtype, torch.float32) and last.shape == last_ref.shape
-    rtol, atol = tolerances[dtype]["out"]
-    assert_rel_close(out, out_ref, rtol, atol, "out")
-    assert_rel_close(last, last_ref, rtol, atol, "last_state")
-    if not any(v.requires_grad for v in ours.values()):
-        return
-    g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    grad_last = torch.randn(last.shape, generator=g, dtype=torch.float64) if last_state_grad else None
-    outputs, grads = [out], [grad_out.to(out.dtype)]
-    if last_state_grad:
-        outputs, grads = outputs + [last], grads + [grad_last.to(last.dtype)]
-    torch.autograd.backward(outputs, grads)
-    torch.autograd.backward(
-        [out_ref, last_ref] if last_state_grad else [out_ref], [grad_out, grad_last][: len(outputs)]
-    )
-    rtol, atol = tolerances[dtype]["grad"]
-    for name, t in ours.items():
-        if name in grad_names:
-            assert t.grad is not None, f"no gradient for {name}"
-            assert_rel_close(t.grad, ref[name].grad, rtol, atol, f"grad {name}")
-        else:
-            assert t.grad is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +70,8 @@ def test_matches_f64_reference(backend, use_D, use_z, use_bias, softplus, groups
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("n_state", [16, 32, 12])
 def test_state_sizes(backend, n_state, tolerances):
-    """Mamba's N = 16 (and 32) take the kernel's vector reductions over blocks of 16 steps (L = 37:
-    two full blocks and a partial one); N = 12 the generic loop."""
+    """N = 16 (Mamba's and MUSE's) runs the fused CPU kernel where it is on (L = 37: whole 8-step
+    vectors and a tail); other N run the portable path."""
     check_against_reference(make_inputs(2, 6, 37, n_state), True, backend, tolerances)
 
 
@@ -162,7 +125,7 @@ def test_block_plan_bounds_the_workspace(length, row):
     assert steps * row <= max(chunked_module.BLOCK_ELEMENTS, row) * 1.1  # the element budget holds
 
 
-def test_torch_op_count_grows_with_the_block_count():
+def test_torch_op_count_grows_with_the_block_count(monkeypatch):
     """The scan's ops grow with the number of chunks and blocks, not with L: one forward+backward
     at L = 3,060 dispatches few ATen ops (one per token before)."""
     from unittest import mock
@@ -177,6 +140,7 @@ def test_torch_op_count_grows_with_the_block_count():
             return func(*args, **(kwargs or {}))
 
     inputs = {k: v.requires_grad_() for k, v in make_inputs(2, 64, 3060, 16).items()}
+    monkeypatch.setenv(CPU_KERNEL_ENV, "0")  # the portable path: the fused CPU kernel is one op
     with mock.patch.object(chunked_module, "_run", chunked_module._run_function), Count():
         selective_scan(**inputs, delta_softplus=True, backend="torch").sum().backward()
     assert 100 < Count.n <= 1500
@@ -223,9 +187,10 @@ def test_float64_inputs(tolerances):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("softplus", [False, True])
-def test_extreme_steps_and_decays_stay_finite(backend, softplus, tolerances):
+@pytest.mark.parametrize("n_state", [8, 16])
+def test_extreme_steps_and_decays_stay_finite(backend, softplus, n_state, tolerances):
     """delta in [1e-4, 10] (log-uniform), A down to -100, a few thousand steps."""
-    inputs = extreme_inputs(1, 4, 3000, 8, softplus)
+    inputs = extreme_inputs(1, 4, 3000, n_state, softplus)
     ours = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
     out, last = selective_scan(**ours, delta_softplus=softplus, return_last_state=True, backend=backend)
     (out.sum() + last.sum()).backward()
@@ -241,26 +206,13 @@ def test_extreme_steps_and_decays_stay_finite(backend, softplus, tolerances):
 
 def test_longest_sequence_stays_finite(tolerances):
     """L = 65,920 (64 frames of ViT-B/16): values, last state and every gradient finite."""
-    inputs = extreme_inputs(1, 2, 65920, 8, softplus=True)
+    inputs = extreme_inputs(1, 2, 65920, 16, softplus=True)
     for backend in CPU_BACKENDS:
         ours = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
         out, last = selective_scan(**ours, delta_softplus=True, return_last_state=True, backend=backend)
         (out.sum() + last.sum()).backward()
         assert all(torch.isfinite(v.grad).all() for v in ours.values())
         assert torch.isfinite(out).all() and torch.isfinite(last).all()
-
-
-def extreme_inputs(batch, dim, length, n_state, softplus):
-    """Step sizes log-uniform in [1e-4, 10] (after softplus when it is on), A from -1e-3 to -100."""
-    g = torch.Generator().manual_seed(0)
-    inputs = make_inputs(batch, dim, length, n_state, seed=2)
-    log_delta = torch.empty(batch, dim, length).uniform_(-9.2103, 2.3026, generator=g)
-    delta = torch.exp(log_delta)
-    # softplus^-1 so that the final step sizes span the same range
-    inputs["delta"] = torch.log(torch.expm1(delta)) if softplus else delta
-    inputs["delta_bias"] = None
-    inputs["A"] = -torch.logspace(-3, 2, n_state).repeat(dim, 1)
-    return inputs
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -229,9 +229,12 @@ Sizes sizes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bt, i
   s.H = s.dim / s.G;
   s.steps = steps;
   s.blocks = (s.L + steps - 1) / steps;
-  // enough tasks to keep every thread busy, never more than one per channel
+  // about kTasks tasks, never more than one per channel; fixed by the sizes alone (not the thread
+  // count), so that the order of the sums over channel slices, and with it every bit of the result,
+  // is the same on any number of threads
+  constexpr int64_t kTasks = 64;
   const int64_t videos = std::max<int64_t>(s.batch * s.G, 1);
-  s.parts = std::max<int64_t>(1, std::min(s.H, (4 * at::get_num_threads() + videos - 1) / videos));
+  s.parts = std::max<int64_t>(1, std::min(s.H, (kTasks + videos - 1) / videos));
   return s;
 }
 

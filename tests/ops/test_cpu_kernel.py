@@ -1,0 +1,172 @@
+"""The optional fused CPU kernel of the torch scan backend (``muse_pyramid/ops/_cpu_kernel.py``).
+
+Values and every gradient against the float64 reference over the kernel's own boundaries (8-step
+vectors, 512-step recompute blocks, groups, every optional part), agreement with the portable path,
+results independent of the thread count, the registered fake and autograd (``torch.library.opcheck``),
+and the fallbacks: turned off, not buildable, not fp32, N other than 16. Skipped with the reason where
+the kernel cannot be built (no C++ compiler or ninja).
+"""
+
+import importlib
+import logging
+
+import pytest
+import torch
+
+from muse_pyramid.ops import _cpu_kernel, selective_scan
+from muse_pyramid.ops._cpu_kernel import BLOCK, CPU_KERNEL_ENV, KERNEL_STATES
+from tests.reference import check_against_reference, make_inputs
+
+N = KERNEL_STATES
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """The kernel's ops, on (skip when it cannot be built)."""
+    monkeypatch.delenv(CPU_KERNEL_ENV, raising=False)
+    ops, reason = _cpu_kernel._build()
+    if ops is None:
+        pytest.skip(f"the fused CPU kernel is unavailable: {reason}")
+    return ops
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of the fused path."""
+    seen = []
+    real = _cpu_kernel.fused_selective_scan
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("muse_pyramid.ops.selective_scan"), "fused_selective_scan", spy)
+    return seen
+
+
+def _drop(inputs, use_D, use_z, use_bias):
+    for name, flag in (("D", use_D), ("z", use_z), ("delta_bias", use_bias)):
+        if not flag:
+            inputs[name] = None
+    return inputs
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 37, BLOCK, BLOCK + 3, 2 * BLOCK + 100])
+def test_lengths_across_vectors_and_blocks(kernel, calls, length, tolerances):
+    check_against_reference(make_inputs(2, 4, length, N, groups=2), True, None, tolerances)
+    assert calls, "the fused kernel did not run"
+
+
+@pytest.mark.parametrize(
+    "use_D,use_z,use_bias,softplus,groups",
+    [
+        (True, True, True, True, 0),
+        (False, False, False, False, 0),
+        (True, False, True, True, 3),
+        (False, True, False, True, 6),
+        (True, True, False, False, 1),
+    ],
+)
+def test_optional_parts_and_groups(kernel, calls, use_D, use_z, use_bias, softplus, groups, tolerances):
+    inputs = _drop(make_inputs(3, 6, 600, N, groups=groups, seed=3), use_D, use_z, use_bias)
+    if not softplus:  # plain delta must be positive
+        inputs["delta"] = inputs["delta"].abs() + 1e-3
+    check_against_reference(inputs, softplus, None, tolerances)
+    assert calls
+
+
+@pytest.mark.parametrize("grad_names", [("u",), ("A", "B"), ("D", "delta_bias"), ("z", "C", "delta"), ()])
+def test_gradients_of_any_subset(kernel, grad_names, tolerances):
+    check_against_reference(make_inputs(2, 6, 40, N, groups=3), True, None, tolerances, grad_names=grad_names)
+
+
+def test_matches_the_portable_path(kernel, calls, monkeypatch):
+    inputs = make_inputs(2, 32, 1500, N, seed=5)
+
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True)
+        (out.square().sum() + last.sum()).backward()
+        return [out, last] + [v.grad for v in leaves.values()]
+
+    fused = run()
+    assert len(calls) == 1
+    monkeypatch.setenv(CPU_KERNEL_ENV, "0")
+    portable = run()
+    assert len(calls) == 1, "MUSE_PYRAMID_CPU_KERNEL=0 must keep the kernel off"
+    for a, b in zip(fused, portable):
+        scale = b.abs().max().item() or 1.0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_results_do_not_depend_on_the_thread_count(kernel):
+    inputs = make_inputs(2, 24, 700, N, seed=7)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+            out = selective_scan(**leaves, delta_softplus=True)
+            out.square().sum().backward()
+            return [out] + [v.grad for v in leaves.values()]
+        finally:
+            torch.set_num_threads(before)
+
+    for a, b in zip(run(1), run(3)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_opcheck_schema_fake_and_autograd(kernel):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and AOT dispatch."""
+    inputs = make_inputs(2, 4, 20, N, groups=2)
+    Bt, Ct = (inputs[k].transpose(-1, -2).contiguous().requires_grad_() for k in ("B", "C"))
+    args = (
+        *(inputs[k].requires_grad_() for k in ("u", "delta", "A")), Bt, Ct,
+        *(inputs[k].requires_grad_() for k in ("D", "z", "delta_bias")), True, 8,
+    )
+    torch.library.opcheck(kernel.scan_fwd.default, args)
+
+
+def test_not_used_for_other_state_sizes_or_dtypes(kernel, calls, tolerances):
+    check_against_reference(make_inputs(1, 4, 30, 8), True, None, tolerances)
+    check_against_reference(make_inputs(1, 4, 30, N, dtype=torch.float64), True, None, tolerances, dtype=torch.float64)
+    assert not calls
+
+
+def test_unavailable_kernel_falls_back_with_one_info_log(monkeypatch, calls, caplog, tolerances):
+    monkeypatch.delenv(CPU_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(_cpu_kernel, "_build", lambda: (None, "no C++ compiler was found"))
+    _cpu_kernel._log_unavailable.cache_clear()
+    with caplog.at_level(logging.INFO, logger="muse_pyramid.ops"):
+        for _ in range(2):
+            check_against_reference(make_inputs(1, 4, 30, N), True, None, tolerances)
+    assert not calls
+    messages = [r.getMessage() for r in caplog.records if "no C++ compiler" in r.getMessage()]
+    assert len(messages) == 1 and "op-by-op PyTorch path" in messages[0]
+
+
+def test_build_failure_is_reported_not_raised(monkeypatch):
+    """A failing build (here: ninja missing) is a reason string, never an exception."""
+    from torch.utils import cpp_extension
+
+    _cpu_kernel._build.cache_clear()
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    try:
+        ops, reason = _cpu_kernel._build()
+        assert ops is None and "ninja" in reason
+    finally:
+        _cpu_kernel._build.cache_clear()
+
+
+def test_one_openmp_runtime(kernel):
+    """The kernel threads with at::parallel_for on PyTorch's own OpenMP runtime: one libgomp is mapped."""
+    import os
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    libraries = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line or "libiomp" in line}
+    assert len({os.path.basename(p) for p in libraries}) <= 1, libraries
+    assert len(libraries) <= 1, libraries
