@@ -13,9 +13,9 @@ from muse_pyramid import MUSEHead
 from muse_pyramid.ops import selective_scan
 
 
-def _head():
+def _head(d_state=4):
     torch.manual_seed(0)
-    head = MUSEHead(16, depth=2, d_state=4, num_heads=2, scales=(0.5, 1.0))
+    head = MUSEHead(16, depth=2, d_state=d_state, num_heads=2, scales=(0.5, 1.0))
     with torch.no_grad():  # the blocks start as the identity: give them work to do
         for block in head.blocks:
             block.proj.weight.normal_(std=0.2)
@@ -24,8 +24,11 @@ def _head():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("training", [False, True])
-def test_head_compiles_fullgraph(training):
-    head = _head().train(training)
+@pytest.mark.parametrize("d_state", [4, 16])
+def test_head_compiles_fullgraph(training, d_state):
+    """d_state 4: the portable scan's custom op; 16: the fused CPU kernel's ops (the portable one
+    where the kernel cannot be built)."""
+    head = _head(d_state).train(training)
     head.blocks[0].drop.p = 0.0  # compare with eager mode: no random masks
     head.blocks[1].drop.p = 0.0
     tokens = torch.randn(2, 3, 1 + 16, 16)
