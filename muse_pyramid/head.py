@@ -39,6 +39,7 @@ from .aggregate import ScaleAggregator, levels_to_tokens
 from .block import ResMambaBlock
 from .config import MUSEConfig
 from .ops import conv_backend, scan_backend
+from .ops._cpu_kernel import kernel_usable
 from .ops._dispatch import is_compiling
 from .pyramid import FeaturePyramid
 
@@ -309,9 +310,11 @@ class MUSEHead(nn.Module):
         if mixer == "attention":
             logger.info("MUSEHead: attention mixer (scaled_dot_product_attention) on %s", tokens.device)
         else:
+            scan = scan_backend(tokens)
+            fused = scan == "torch" and kernel_usable(tokens.device, torch.float32, self._config.d_state)
             logger.info(
-                "MUSEHead: %s mixer on %s, selective scan backend %r, causal conv backend %r",
-                mixer, tokens.device, scan_backend(tokens), conv_backend(tokens),
+                "MUSEHead: %s mixer on %s, selective scan backend %r%s, causal conv backend %r",
+                mixer, tokens.device, scan, " (fused CPU kernel)" if fused else "", conv_backend(tokens),
             )
 
     def extra_repr(self) -> str:

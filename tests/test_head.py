@@ -272,6 +272,20 @@ def test_logs_backend_once(caplog):
         head(_tokens(1, 1, 4, 4, 16))
     msgs = [r.getMessage() for r in caplog.records if "selective scan backend" in r.getMessage()]
     assert len(msgs) == 1
+    assert "fused CPU kernel" not in msgs[0]  # d_state 4: the portable scan
+
+
+def test_log_names_the_fused_cpu_kernel(caplog, monkeypatch):
+    from muse_pyramid.ops import _cpu_kernel
+
+    monkeypatch.delenv(_cpu_kernel.CPU_KERNEL_ENV, raising=False)
+    ops, reason = _cpu_kernel._build()
+    if ops is None:
+        pytest.skip(f"the fused CPU kernel is unavailable: {reason}")
+    head = MUSEHead(16, depth=1, d_state=16)
+    with caplog.at_level(logging.INFO, logger="muse_pyramid.head"):
+        head(_tokens(1, 1, 4, 4, 16))
+    assert any("'torch' (fused CPU kernel)" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(
