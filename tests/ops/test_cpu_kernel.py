@@ -1,7 +1,8 @@
 """The optional fused CPU kernel of the torch scan backend (``muse_pyramid/ops/_cpu_kernel.py``).
 
 Values and every gradient against the float64 reference over the kernel's own boundaries (8-step
-vectors, 512-step recompute blocks, groups, every optional part), agreement with the portable path,
+vectors, 512-step recompute blocks, groups; the optional parts run in ``test_selective_scan.py``, whose
+every test runs with the kernel on and off), agreement with the portable path,
 results independent of the thread count, the registered fake and autograd (``torch.library.opcheck``),
 and the fallbacks: turned off, not buildable, not fp32, N other than 16. Skipped with the reason where
 the kernel cannot be built (no C++ compiler or ninja).
@@ -44,35 +45,10 @@ def calls(monkeypatch):
     return seen
 
 
-def _drop(inputs, use_D, use_z, use_bias):
-    for name, flag in (("D", use_D), ("z", use_z), ("delta_bias", use_bias)):
-        if not flag:
-            inputs[name] = None
-    return inputs
-
-
 @pytest.mark.parametrize("length", [1, 7, 8, 37, BLOCK, BLOCK + 3, 2 * BLOCK + 100])
 def test_lengths_across_vectors_and_blocks(kernel, calls, length, tolerances):
     check_against_reference(make_inputs(2, 4, length, N, groups=2), True, None, tolerances)
     assert calls, "the fused kernel did not run"
-
-
-@pytest.mark.parametrize(
-    "use_D,use_z,use_bias,softplus,groups",
-    [
-        (True, True, True, True, 0),
-        (False, False, False, False, 0),
-        (True, False, True, True, 3),
-        (False, True, False, True, 6),
-        (True, True, False, False, 1),
-    ],
-)
-def test_optional_parts_and_groups(kernel, calls, use_D, use_z, use_bias, softplus, groups, tolerances):
-    inputs = _drop(make_inputs(3, 6, 600, N, groups=groups, seed=3), use_D, use_z, use_bias)
-    if not softplus:  # plain delta must be positive
-        inputs["delta"] = inputs["delta"].abs() + 1e-3
-    check_against_reference(inputs, softplus, None, tolerances)
-    assert calls
 
 
 @pytest.mark.parametrize("grad_names", [("u",), ("A", "B"), ("D", "delta_bias"), ("z", "C", "delta"), ()])
