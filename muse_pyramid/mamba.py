@@ -64,6 +64,32 @@ def reversal_index(mask: Optional[torch.Tensor], batch: int, length: int, device
     return torch.where(steps < real, real - 1 - steps, steps)
 
 
+class _Reverse(torch.autograd.Function):
+    """`x.gather(dim, index)` for an `index` that is its own inverse (`reversal_index`, expanded).
+
+    The gradient of such a gather is the same gather. Autograd's generic gather backward instead fills
+    a zero tensor and scatter-adds into it (with atomics on CUDA, so not deterministic there); for a
+    permutation that is two extra passes over the tensor for nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(index)
+        ctx.dim = dim
+        return x.gather(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        (index,) = ctx.saved_tensors
+        return grad.gather(ctx.dim, index), None, None
+
+
+def reverse(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Reverse each sequence's real prefix of `x` along `dim` with `index` (`reversal_index` expanded to
+    x's shape); applying it twice restores x. The gradient is the same gather (see `_Reverse`)."""
+    return _Reverse.apply(x, index, dim)
+
+
 def _a_log(suffix: str) -> str:
     """Vim's name for A of a direction: `A_log` forward, `A_b_log` backward (the only irregular name)."""
     return "A_log" if not suffix else f"A{suffix}_log"
@@ -259,12 +285,12 @@ class BiMamba(nn.Module):
         if positions is None:  # the gate is fused into each scan: (y_f + y_b) * silu(z) = sum of gated scans
             y = self._direction(xs, zs, "")
             if self.bidirectional:
-                y = y + self._direction(xs.gather(2, back_d), zs.gather(2, back_d), "_b").gather(2, back_d)
+                y = y + reverse(self._direction(reverse(xs, back_d, 2), reverse(zs, back_d, 2), "_b"), back_d, 2)
         else:  # ungated scans, read at the rows (the backward scan at the rows' reversed places), gated there
             y = self._direction(xs, None, "").gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
             if self.bidirectional:
                 rows_b = repeat(back.gather(1, positions), "b p -> b d p", d=self.d_inner)
-                y = y + self._direction(xs.gather(2, back_d), None, "_b").gather(2, rows_b)
+                y = y + self._direction(reverse(xs, back_d, 2), None, "_b").gather(2, rows_b)
             y = y * F.silu(zs.to(y.dtype))
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
@@ -281,8 +307,8 @@ class BiMamba(nn.Module):
         out = inner(xz, *self._inner_args(""), delta_softplus=True)  # (B, L, C)
         if self.bidirectional:
             rev = repeat(back, "b l -> b l c", c=x.shape[-1])
-            xz_b = xz.gather(2, repeat(back, "b l -> b d l", d=xz.shape[1]))
-            out = out + inner(xz_b, *self._inner_args("_b"), delta_softplus=True).gather(1, rev)
+            xz_b = reverse(xz, repeat(back, "b l -> b d l", d=xz.shape[1]), 2)
+            out = out + reverse(inner(xz_b, *self._inner_args("_b"), delta_softplus=True), rev, 1)
         if positions is not None:
             out = out.gather(1, repeat(positions, "b p -> b p c", c=out.shape[-1]))
         return out

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from muse_pyramid import BiMamba
-from muse_pyramid.mamba import reversal_index
+from muse_pyramid.mamba import reversal_index, reverse
 from muse_pyramid.ops import causal_conv1d_ref, selective_scan_ref
 from tests.reference import scan_f64
 
@@ -215,6 +215,22 @@ def test_reversal_index_reverses_each_real_prefix():
     assert index.tolist() == [[2, 1, 0, 3, 4], [4, 3, 2, 1, 0], [0, 1, 2, 3, 4]]
     assert torch.equal(index.gather(1, index), torch.arange(5).expand(3, 5))  # its own inverse
     assert reversal_index(None, 2, 4, mask.device).tolist() == [[3, 2, 1, 0]] * 2
+
+
+def test_reverse_is_its_own_inverse_and_gradient():
+    """reverse() gathers like x.gather, undoes itself, and its gradient (a gather, not zero-fill plus
+    scatter_add) equals the generic gather's, also at second order."""
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    index = reversal_index(mask, 3, 5, mask.device)[:, None].expand(3, 4, 5)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(reverse(x, index, 2), x.gather(2, index))
+    assert torch.equal(reverse(reverse(x, index, 2), index, 2), x)
+    weight = torch.randn(3, 4, 5, dtype=torch.float64)
+    ours = torch.autograd.grad((reverse(x, index, 2) * weight).sum(), x)[0]
+    generic = torch.autograd.grad((x.gather(2, index) * weight).sum(), x)[0]
+    assert torch.equal(ours, generic)
+    assert torch.autograd.gradcheck(lambda t: reverse(t, index, 2).sin(), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: reverse(t, index, 2).sin(), (x,))
 
 
 def test_mask_must_put_real_tokens_first():
