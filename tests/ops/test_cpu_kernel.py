@@ -104,6 +104,17 @@ def test_opcheck_schema_fake_and_autograd(kernel):
     torch.library.opcheck(kernel.scan_fwd.default, args)
 
 
+@pytest.mark.parametrize("shape", [(0, 4, 9), (2, 4, 0)])
+def test_empty_batch_or_sequence(kernel, calls, shape):
+    """No video or no step: empty outputs and gradients, no error."""
+    inputs = {k: v.requires_grad_() for k, v in make_inputs(*shape, N).items()}
+    out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert out.shape == shape and last.shape == (shape[0], shape[1], N)
+    (out.sum() + last.sum()).backward()
+    assert all(v.grad is not None and v.grad.shape == v.shape for v in inputs.values())
+    assert calls
+
+
 def test_not_used_for_other_state_sizes_or_dtypes(kernel, calls, tolerances):
     check_against_reference(make_inputs(1, 4, 30, 8), True, None, tolerances)
     check_against_reference(make_inputs(1, 4, 30, N, dtype=torch.float64), True, None, tolerances, dtype=torch.float64)

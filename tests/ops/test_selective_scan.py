@@ -148,15 +148,16 @@ def test_torch_op_count_grows_with_the_block_count(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("n_state", [4, 16])
+def test_non_contiguous_inputs(backend, n_state):
     g = torch.Generator().manual_seed(0)
-    inputs = make_inputs(2, 6, 11, 4)
+    inputs = make_inputs(2, 6, 11, n_state)
     strided = {
         "u": torch.randn(2, 11, 6, generator=g).transpose(1, 2),
         "delta": torch.rand(2, 6, 22, generator=g)[..., ::2],
-        "B": torch.randn(2, 11, 4, generator=g).transpose(1, 2),
-        "C": torch.randn(4, 2, 11, generator=g).transpose(0, 1),
-        "A": -torch.rand(4, 6, generator=g).t(),
+        "B": torch.randn(2, 11, n_state, generator=g).transpose(1, 2),
+        "C": torch.randn(n_state, 2, 11, generator=g).transpose(0, 1),
+        "A": -torch.rand(n_state, 6, generator=g).t(),
     }
     inputs.update(strided)
     assert not any(t.is_contiguous() for t in strided.values())
@@ -217,9 +218,10 @@ def test_longest_sequence_stays_finite(tolerances):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bf16_autocast_keeps_fp32_state(backend, tolerances):
+@pytest.mark.parametrize("n_state", [8, 16])
+def test_bf16_autocast_keeps_fp32_state(backend, n_state, tolerances):
     """bf16 inputs under autocast: bf16 output, but the state is fp32 (checked at fp32 precision)."""
-    inputs = make_inputs(2, 4, 500, 8)
+    inputs = make_inputs(2, 4, 500, n_state)
     low = {k: (v.to(torch.bfloat16) if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, last = selective_scan(**low, delta_softplus=True, return_last_state=True, backend=backend)

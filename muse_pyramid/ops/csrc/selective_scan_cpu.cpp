@@ -500,7 +500,8 @@ scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, cons
               starts.numel(), " elements, expected ", s.blocks * s.batch * s.dim * s.N);
   const int64_t L = s.L, S = s.steps;
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
-  at::Tensor dz = x.z ? at::empty_like(u) : at::empty({0}, u.options());
+  const bool has_z = z.has_value() && z->defined();  // (not x.z: an empty tensor's data pointer is null)
+  at::Tensor dz = has_z ? at::empty_like(u) : at::empty({0}, u.options());
   at::Tensor dA_rows = at::zeros({s.batch, s.dim, N}, u.options());
   at::Tensor dD_rows = at::zeros({s.batch, s.dim}, u.options()), dbias_rows = at::zeros({s.batch, s.dim}, u.options());
   at::Tensor dBt = at::empty_like(Bt), dCt = at::empty_like(Ct);
@@ -509,7 +510,7 @@ scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, cons
   const float *u_p = u.data_ptr<float>(), *d_p = delta.data_ptr<float>(), *A_p = A.data_ptr<float>();
   const float *B_p = Bt.data_ptr<float>(), *C_p = Ct.data_ptr<float>(), *st_p = starts.data_ptr<float>();
   const float* dout_p = dout.data_ptr<float>();
-  float *du_p = du.data_ptr<float>(), *dd_p = ddelta.data_ptr<float>(), *dz_p = x.z ? dz.data_ptr<float>() : nullptr;
+  float *du_p = du.data_ptr<float>(), *dd_p = ddelta.data_ptr<float>(), *dz_p = has_z ? dz.data_ptr<float>() : nullptr;
   float *dA_p = dA_rows.data_ptr<float>(), *dD_p = dD_rows.data_ptr<float>(), *db_p = dbias_rows.data_ptr<float>();
   float *dB_p = dBt.data_ptr<float>(), *dC_p = dCt.data_ptr<float>(), *g_p = carry.data_ptr<float>();
   float* part_p = part.data_ptr<float>();
