@@ -311,7 +311,9 @@ class MUSEHead(nn.Module):
             logger.info("MUSEHead: attention mixer (scaled_dot_product_attention) on %s", tokens.device)
         else:
             scan = scan_backend(tokens)
-            fused = scan == "torch" and kernel_usable(tokens.device, torch.float32, self._config.d_state)
+            # the scan computes in fp64 for an fp64 head, else in fp32
+            dtype = torch.float64 if self.blocks[0].norm.weight.dtype == torch.float64 else torch.float32
+            fused = scan == "torch" and kernel_usable(tokens.device, dtype, self._config.d_state)
             logger.info(
                 "MUSEHead: %s mixer on %s, selective scan backend %r%s, causal conv backend %r",
                 mixer, tokens.device, scan, " (fused CPU kernel)" if fused else "", conv_backend(tokens),

@@ -13,10 +13,12 @@ mamba-ssm's CUDA kernel does on a GPU. It is an accelerator, not a dependency:
   and autograd registered here, so autograd and ``torch.compile`` see one op;
 - threaded with ``at::parallel_for``: PyTorch's own intra-op threads (``torch.set_num_threads``
   applies; no second thread pool);
-- fp32 CPU tensors and N = 16 states only (MUSE's and Mamba's d_state). Everything else, and every machine where it cannot be built, runs the
-  portable path, with one INFO log saying why. ``MUSE_PYRAMID_CPU_KERNEL=0`` turns it off.
+- fp32 CPU tensors and N = 16 states only (MUSE's and Mamba's d_state). Everything else, and every
+  machine where it cannot be built, runs the portable path, with one INFO log saying why.
+  ``MUSE_PYRAMID_CPU_KERNEL=0`` turns it off.
 
-Tests: ``tests/ops/test_selective_scan.py``.
+Tests: ``tests/ops/test_cpu_kernel.py``, and every test of ``tests/ops/test_selective_scan.py`` with
+the kernel on and off.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ _logger = logging.getLogger("muse_pyramid.ops")
 
 CPU_KERNEL_ENV = "MUSE_PYRAMID_CPU_KERNEL"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
-# AVX2 and FMA where PyTorch reads them on this CPU (the kernel's vectors are 8 floats wide); the
-# name keeps builds for different CPUs apart in a shared extensions folder
 
 
 def _isa() -> str:
+    """"avx2" where PyTorch reads AVX2 (or AVX-512) on this CPU, else "default": the kernel's vectors
+    are 8 floats wide, and the build's name carries it, so that machines sharing an extensions folder
+    do not load each other's builds."""
     reader = getattr(torch.backends.cpu, "get_cpu_capability", None)
     capability = reader().lower() if reader is not None else "default"
     return "avx2" if capability in ("avx2", "avx512") else "default"

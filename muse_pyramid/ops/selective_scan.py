@@ -288,14 +288,19 @@ def selective_scan(
         fn, _ = probe_cuda_kernel(*SCAN_KERNEL)
         return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype_in, dtype = u.dtype, _compute_dtype(u)
-    if _fused_on_cpu(u.device, dtype, A.shape[-1]):
-        with _no_autocast(u.device):
+    with _no_autocast(u.device):
+        if _fused_on_cpu(u.device, dtype, A.shape[-1]):
             out, last_state = fused_selective_scan(
                 *(t.to(dtype) for t in (u, delta, A, _as_groups(B), _as_groups(C))),
                 *(None if t is None else t.to(dtype) for t in (D, z, delta_bias)),
                 delta_softplus,
             )
-        return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
+        else:
+            u = u.to(dtype)
+            delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
+            y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
+            out = _skip_and_gate(y, u, D, z)
+    return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
     with _no_autocast(u.device):
         u = u.to(dtype)
         delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)

@@ -212,7 +212,7 @@ inline void sum_steps(const float* __restrict rows, float* __restrict out, int64
 // sizes, checks, tasks
 
 struct Sizes {
-  int64_t batch, dim, L, N, G, H, steps, blocks, parts;
+  int64_t batch, dim, L, G, H, steps, blocks, parts;
 };
 
 Sizes sizes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bt, int64_t steps) {
@@ -222,8 +222,7 @@ Sizes sizes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& Bt, i
   s.batch = u.size(0);
   s.dim = u.size(1);
   s.L = u.size(2);
-  s.N = A.size(1);
-  TORCH_CHECK(s.N == N, "selective_scan_cpu: the kernel is built for N = ", N, " states, got ", s.N);
+  TORCH_CHECK(A.size(1) == N, "selective_scan_cpu: the kernel is built for N = ", N, " states, got ", A.size(1));
   s.G = Bt.size(1);
   TORCH_CHECK(s.G > 0 && s.dim % s.G == 0, "selective_scan_cpu: dim ", s.dim, " not divisible by G ", s.G);
   s.H = s.dim / s.G;
@@ -465,8 +464,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u, con
   const Sizes s = sizes_of(u, A, Bt, steps);
   const Extras x{optional_ptr(D, "D"), optional_ptr(z, "z"), optional_ptr(delta_bias, "delta_bias"), softplus};
   at::Tensor out = at::empty({s.batch, s.dim, s.L}, u.options());
-  at::Tensor last = at::empty({s.batch, s.dim, s.N}, u.options());
-  at::Tensor starts = at::empty({s.blocks, s.batch, s.dim, s.N}, u.options());
+  at::Tensor last = at::empty({s.batch, s.dim, N}, u.options());
+  at::Tensor starts = at::empty({s.blocks, s.batch, s.dim, N}, u.options());
   const float *u_p = u.data_ptr<float>(), *d_p = delta.data_ptr<float>(), *A_p = A.data_ptr<float>();
   const float *B_p = Bt.data_ptr<float>(), *C_p = Ct.data_ptr<float>();
   float *out_p = out.data_ptr<float>(), *last_p = last.data_ptr<float>(), *st_p = starts.data_ptr<float>();
@@ -496,8 +495,8 @@ scan_bwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, cons
   check_inputs({u, delta, A, Bt, Ct, starts, dout, dlast}, {"u", "delta", "A", "Bt", "Ct", "starts", "dout", "dlast"});
   const Sizes s = sizes_of(u, A, Bt, steps);
   const Extras x{optional_ptr(D, "D"), optional_ptr(z, "z"), optional_ptr(delta_bias, "delta_bias"), softplus};
-  TORCH_CHECK(starts.numel() == s.blocks * s.batch * s.dim * s.N, "selective_scan_cpu: `starts` has ",
-              starts.numel(), " elements, expected ", s.blocks * s.batch * s.dim * s.N);
+  TORCH_CHECK(starts.numel() == s.blocks * s.batch * s.dim * N, "selective_scan_cpu: `starts` has ",
+              starts.numel(), " elements, expected ", s.blocks * s.batch * s.dim * N);
   const int64_t L = s.L, S = s.steps;
   at::Tensor du = at::empty_like(u), ddelta = at::empty_like(delta);
   const bool has_z = z.has_value() && z->defined();  // (not x.z: an empty tensor's data pointer is null)
