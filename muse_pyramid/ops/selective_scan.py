@@ -301,9 +301,3 @@ def selective_scan(
             y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
             out = _skip_and_gate(y, u, D, z)
     return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
-    with _no_autocast(u.device):
-        u = u.to(dtype)
-        delta = _final_delta(delta.to(dtype), delta_bias, delta_softplus)
-        y, last_state = chunked_scan(u, delta, A.to(dtype), _as_groups(B).to(dtype), _as_groups(C).to(dtype))
-        out = _skip_and_gate(y, u, D, z)
-    return (out.to(dtype_in), last_state) if return_last_state else out.to(dtype_in)
