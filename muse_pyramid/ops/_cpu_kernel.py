@@ -1,24 +1,29 @@
-"""Optional fused CPU kernel of the "torch" scan backend (``csrc/selective_scan_cpu.cpp``).
+"""Optional fused CPU kernels of the "torch" backends: the selective scan (``csrc/selective_scan_cpu.cpp``)
+and the causal depthwise convolution (``csrc/causal_conv1d_cpu.cpp``).
 
 The portable scan (``_chunked_scan.py``) runs op by op, which suits a GPU and not a CPU: each op is a
 pass over state-sized ``(steps, batch, dim, N)`` tensors, so on a CPU the scan is bound by memory
-traffic, and softplus, the D skip and the z gate add passes of their own. This kernel computes the
+traffic, and softplus, the D skip and the z gate add passes of their own. The scan kernel computes the
 whole ``selective_scan`` (delta_bias and softplus, the recurrence, D and the gate; forward, and a
 backward that recomputes the states block by block) with one channel's state in registers, as
-mamba-ssm's CUDA kernel does on a GPU. It is an accelerator, not a dependency:
+mamba-ssm's CUDA kernel does on a GPU. The convolution kernel does for ``causal_conv1d`` what
+causal-conv1d's does: the taps and the SiLU in one pass, reading a channel slice in place, with no
+padded copies (``F.conv1d`` pads its output and, backwards, zero-fills a padded gradient). They are
+accelerators, not dependencies:
 
-- built on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; about 10 s on
-  2 cores, once per machine: PyTorch caches the build under ``$TORCH_EXTENSIONS_DIR``);
-- two ``torch.library`` ops, ``muse_pyramid_cpu::scan_fwd`` / ``scan_bwd``, with fake implementations
-  and autograd registered here, so autograd and ``torch.compile`` see one op;
+- built together on first use with ``torch.utils.cpp_extension`` (a C++ compiler and ``ninja``; about
+  15 s on 2 cores, once per machine: PyTorch caches the build under ``$TORCH_EXTENSIONS_DIR``);
+- ``torch.library`` ops, ``muse_pyramid_cpu::scan_fwd`` / ``scan_bwd`` and ``conv_fwd`` / ``conv_bwd``,
+  with fake implementations and autograd registered here, so autograd and ``torch.compile`` see one
+  op each;
 - threaded with ``at::parallel_for``: PyTorch's own intra-op threads (``torch.set_num_threads``
   applies; no second thread pool);
-- fp32 CPU tensors and N = 16 states only (MUSE's and Mamba's d_state). Everything else, and every
-  machine where it cannot be built, runs the portable path, with one INFO log saying why.
-  ``MUSE_PYRAMID_CPU_KERNEL=0`` turns it off.
+- fp32 CPU tensors only, and N = 16 states for the scan (MUSE's and Mamba's d_state). Everything else,
+  and every machine where they cannot be built, runs the portable path, with one INFO log saying why.
+  ``MUSE_PYRAMID_CPU_KERNEL=0`` turns both off.
 
-Tests: ``tests/ops/test_cpu_kernel.py``, and every test of ``tests/ops/test_selective_scan.py`` with
-the kernel on and off.
+Tests: ``tests/ops/test_cpu_kernel.py``, and every test of ``tests/ops/test_selective_scan.py`` and
+``tests/ops/test_causal_conv1d.py`` with the kernels on and off.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ from typing import Any, Optional, Tuple
 import torch
 from einops import rearrange
 
-__all__ = ["CPU_KERNEL_ENV", "kernel_usable", "fused_selective_scan"]
+__all__ = ["CPU_KERNEL_ENV", "kernel_usable", "fused_selective_scan", "fused_causal_conv1d"]
 
 _logger = logging.getLogger("muse_pyramid.ops")
 
 CPU_KERNEL_ENV = "MUSE_PYRAMID_CPU_KERNEL"
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "selective_scan_cpu.cpp"
+_SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name
+                 for name in ("selective_scan_cpu.cpp", "causal_conv1d_cpu.cpp"))
 
 
 def _isa() -> str:
@@ -72,10 +78,10 @@ def _build() -> Tuple[Optional[Any], str]:
         if not cpp_extension.is_ninja_available():
             return None, "ninja is not installed (pip install ninja)"
         isa = _isa()
-        _logger.info("selective_scan: building the fused CPU kernel (%s; once per machine)", isa)
+        _logger.info("muse_pyramid: building the fused CPU kernels (%s; once per machine)", isa)
         cpp_extension.load(
-            name=f"muse_pyramid_cpu_scan_{isa}",
-            sources=[str(_SOURCE)],
+            name=f"muse_pyramid_cpu_{isa}",
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if isa == "avx2" else [])],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
@@ -90,8 +96,8 @@ def _build() -> Tuple[Optional[Any], str]:
 
 @functools.cache
 def _register() -> None:
-    """Fake implementations and autograd of the two C++ ops (their schemas are in the .cpp file); once
-    per process."""
+    """Fake implementations and autograd of the C++ ops (their schemas are in the .cpp files); once per
+    process."""
 
     @torch.library.register_fake("muse_pyramid_cpu::scan_fwd")
     def _fwd_fake(u, delta, A, Bt, Ct, D, z, delta_bias, softplus, steps):  # noqa: ANN001
@@ -123,17 +129,39 @@ def _register() -> None:
 
     torch.library.register_autograd("muse_pyramid_cpu::scan_fwd", _backward, setup_context=_setup_context)
 
+    @torch.library.register_fake("muse_pyramid_cpu::conv_fwd")
+    def _conv_fwd_fake(x, weight, bias, silu):  # noqa: ANN001
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("muse_pyramid_cpu::conv_bwd")
+    def _conv_bwd_fake(x, weight, bias, silu, dout):  # noqa: ANN001
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(x.shape[1] if bias is not None else 0)
+
+    def _conv_setup_context(ctx, inputs, output):  # noqa: ANN001
+        x, weight, bias, silu = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.silu = silu
+
+    def _conv_backward(ctx, dout):  # noqa: ANN001
+        x, weight, bias = ctx.saved_tensors
+        dx, dweight, dbias = torch.ops.muse_pyramid_cpu.conv_bwd(x, weight, bias, ctx.silu, dout.contiguous())
+        return dx, dweight, dbias if bias is not None else None, None
+
+    torch.library.register_autograd("muse_pyramid_cpu::conv_fwd", _conv_backward, setup_context=_conv_setup_context)
+
 
 @functools.cache
 def _log_unavailable(reason: str) -> None:
-    _logger.info("selective_scan: fp32 CPU tensors run on the op-by-op PyTorch path because %s", reason)
+    _logger.info(
+        "selective_scan, causal_conv1d: fp32 CPU tensors run on the op-by-op PyTorch path because %s", reason
+    )
 
 
-def kernel_usable(device: torch.device, dtype: torch.dtype, n_state: int) -> bool:
-    """True when the fused kernel runs a scan on ``device`` in compute ``dtype`` with ``n_state``
-    states: fp32 on the CPU with N = 16 (Mamba's and MUSE's d_state), not turned off by
-    ``MUSE_PYRAMID_CPU_KERNEL=0``, and built (the first call builds it)."""
-    if device.type != "cpu" or dtype != torch.float32 or n_state != KERNEL_STATES:
+def kernel_usable(device: torch.device, dtype: torch.dtype, n_state: Optional[int] = None) -> bool:
+    """True when the fused kernels run on ``device`` in compute ``dtype``: fp32 on the CPU, not turned
+    off by ``MUSE_PYRAMID_CPU_KERNEL=0``, and built (the first call builds them). ``n_state``: the
+    scan's state size, which must be 16 (Mamba's and MUSE's d_state); None for the convolution."""
+    if device.type != "cpu" or dtype != torch.float32 or n_state not in (None, KERNEL_STATES):
         return False
     if os.environ.get(CPU_KERNEL_ENV, "").strip().lower() in ("0", "false", "off", "no"):
         return False
@@ -174,3 +202,23 @@ def fused_selective_scan(
         contiguous(D), contiguous(z), contiguous(delta_bias), delta_softplus, BLOCK,
     )
     return out, last
+
+
+def fused_causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], silu: bool
+) -> torch.Tensor:
+    """Depthwise causal convolution in the kernel (only after :func:`kernel_usable` said yes).
+
+    Args:
+        x: ``(batch, dim, L)`` fp32; a channel slice of a larger tensor is read in place when its time
+            stride is 1.
+        weight: ``(dim, width)`` fp32; tap ``width - 1`` multiplies the current step.
+        bias: ``(dim,)`` fp32 or None.
+        silu: apply SiLU to the output.
+
+    Returns:
+        ``(batch, dim, L)`` contiguous.
+    """
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return torch.ops.muse_pyramid_cpu.conv_fwd(x, weight.contiguous(), None if bias is None else bias.contiguous(), silu)

@@ -7,7 +7,8 @@ For every batch b, channel d and step t, with ``width = weight.shape[1]``::
 followed by ``silu`` when ``activation`` is "silu"/"swish".
 
 Backends: "cuda" (``causal_conv1d``'s kernel, widths 2 to 4) and "torch" (``F.conv1d`` with left
-padding, any device). In file order: input checks, the readable reference (an explicit sum over the
+padding, any device). On fp32 CPU tensors the torch backend runs the optional fused CPU kernel
+(``_cpu_kernel.py``) instead when it can be built. In file order: input checks, the readable reference (an explicit sum over the
 taps), and the dispatching ``causal_conv1d``.
 Tests: ``tests/ops/test_causal_conv1d.py``.
 """
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _dispatch
+from ._cpu_kernel import fused_causal_conv1d, kernel_usable
 from ._dispatch import AUTO, CONV_KERNEL, as_device, probe_cuda_kernel
 
 __all__ = ["causal_conv1d", "causal_conv1d_ref", "conv_backend", "CONV_BACKENDS", "CONV_BACKEND_ENV"]
@@ -122,6 +124,12 @@ def _resolve(device: torch.device, width: int, backend: str | None) -> str:
     return name
 
 
+@_dispatch.constant_under_compile
+def _fused_on_cpu(device: torch.device) -> bool:
+    """Whether the "torch" backend runs the fused CPU kernel for fp32 tensors here (``_cpu_kernel.py``)."""
+    return kernel_usable(device, torch.float32)
+
+
 def conv_backend(
     tensor_or_device: Union[torch.Tensor, torch.device, str], backend: str | None = None, width: int = 4
 ) -> str:
@@ -163,4 +171,7 @@ def causal_conv1d(
     if _resolve(x.device, weight.shape[1], backend) == "cuda":
         fn, _ = probe_cuda_kernel(*CONV_KERNEL)
         return fn(x, weight, bias, activation=activation)
+    fp32 = all(t is None or t.dtype == torch.float32 for t in (x, weight, bias))
+    if fp32 and _fused_on_cpu(x.device):
+        return fused_causal_conv1d(x, weight, bias, silu=activation is not None)
     return _conv_torch(x, weight, bias, activation)

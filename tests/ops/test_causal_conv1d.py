@@ -1,5 +1,5 @@
-"""causal_conv1d against F.conv1d with explicit left padding, for every CPU backend, plus dispatch
-and errors."""
+"""causal_conv1d against F.conv1d with explicit left padding, for every CPU backend, with the fused CPU
+kernel on and off (its own tests: ``test_cpu_kernel.py``), plus dispatch and errors."""
 
 import functools
 
@@ -12,6 +12,8 @@ from muse_pyramid.ops import causal_conv1d, causal_conv1d_ref, conv_backend
 CPU_BACKENDS = ["torch"]
 FUNCTIONS = [causal_conv1d_ref] + [functools.partial(causal_conv1d, backend=b) for b in CPU_BACKENDS]
 FUNCTION_IDS = ["ref"] + CPU_BACKENDS
+
+pytestmark = pytest.mark.usefixtures("cpu_path")  # every test with the fused CPU kernel on and off
 
 
 def conv_f64(x, weight, bias, activation):
@@ -29,7 +31,8 @@ def conv_f64(x, weight, bias, activation):
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=FUNCTION_IDS)
 @pytest.mark.parametrize(
     "width,length,activation,use_bias",
-    [(4, 17, "silu", True), (2, 1, None, False), (5, 3, "swish", True), (1, 6, None, True)],
+    [(4, 17, "silu", True), (2, 1, None, False), (5, 3, "swish", True), (1, 6, None, True), (4, 3, "silu", False),
+     (3, 40, None, True)],
 )
 def test_matches_padded_conv(fn, width, length, activation, use_bias, tolerances):
     check_against_padded_conv(fn, width, length, activation, use_bias, tolerances)
@@ -53,6 +56,24 @@ def check_against_padded_conv(fn, width, length, activation, use_bias, tolerance
     rtol, atol = tolerances[torch.float32]["grad"]
     for mine, theirs in zip(leaves, ref_leaves):
         torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_channel_slice_read_in_place(backend, tolerances):
+    """x a channel slice of a wider tensor (as BiMamba's half of in_proj's output): same values and grads."""
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(2, 10, 23, generator=g, requires_grad=True)
+    weight, bias = torch.randn(4, 4, generator=g), torch.randn(4, generator=g)
+    out = causal_conv1d(wide[:, 3:7], weight, bias, "silu", backend=backend)
+    ref = conv_f64(wide.detach()[:, 3:7], weight, bias, "silu")
+    rtol, atol = tolerances[torch.float32]["out"]
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    out.sum().backward()
+    assert wide.grad[:, :3].abs().sum() == 0 and wide.grad[:, 7:].abs().sum() == 0
+    x64 = wide.detach()[:, 3:7].double().requires_grad_()
+    conv_f64(x64, weight, bias, "silu").sum().backward()
+    rtol, atol = tolerances[torch.float32]["grad"]
+    torch.testing.assert_close(wide.grad[:, 3:7].double(), x64.grad, rtol=rtol, atol=atol)
 
 
 def test_causality():

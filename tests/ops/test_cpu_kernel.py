@@ -1,11 +1,13 @@
-"""The optional fused CPU kernel of the torch scan backend (``muse_pyramid/ops/_cpu_kernel.py``).
+"""The optional fused CPU kernels of the torch backends (``muse_pyramid/ops/_cpu_kernel.py``).
 
-Values and every gradient against the float64 reference over the kernel's own boundaries (8-step
-vectors, 512-step recompute blocks, groups; the optional parts run in ``test_selective_scan.py``, whose
-every test runs with the kernel on and off), agreement with the portable path,
-results independent of the thread count, the registered fake and autograd (``torch.library.opcheck``),
-and the fallbacks: turned off, not buildable, not fp32, N other than 16. Skipped with the reason where
-the kernel cannot be built (no C++ compiler or ninja).
+Scan: values and every gradient against the float64 reference over the kernel's own boundaries
+(8-step vectors, 512-step recompute blocks, groups; the optional parts run in
+``test_selective_scan.py``, whose every test runs with the kernel on and off), agreement with the
+portable path, results independent of the thread count, the registered fake and autograd
+(``torch.library.opcheck``), and the fallbacks: turned off, not buildable, not fp32, N other than 16.
+Convolution (its other tests: ``test_causal_conv1d.py``, also run with the kernel on and off): the same
+for lengths around the vector width and the taps, and where it is not used. Skipped with the reason
+where the kernels cannot be built (no C++ compiler or ninja).
 """
 
 import importlib
@@ -14,7 +16,7 @@ import logging
 import pytest
 import torch
 
-from muse_pyramid.ops import _cpu_kernel, selective_scan
+from muse_pyramid.ops import _cpu_kernel, causal_conv1d, selective_scan
 from muse_pyramid.ops._cpu_kernel import BLOCK, CPU_KERNEL_ENV, KERNEL_STATES
 from tests.reference import check_against_reference, make_inputs
 
@@ -42,6 +44,20 @@ def calls(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(importlib.import_module("muse_pyramid.ops.selective_scan"), "fused_selective_scan", spy)
+    return seen
+
+
+@pytest.fixture
+def conv_calls(monkeypatch):
+    """Counts the calls of the fused convolution."""
+    seen = []
+    real = _cpu_kernel.fused_causal_conv1d
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(importlib.import_module("muse_pyramid.ops.causal_conv1d"), "fused_causal_conv1d", spy)
     return seen
 
 
@@ -157,3 +173,74 @@ def test_one_openmp_runtime(kernel):
     libraries = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line or "libiomp" in line}
     assert len({os.path.basename(p) for p in libraries}) <= 1, libraries
     assert len(libraries) <= 1, libraries
+
+
+# --------------------------------------------------------------------------------------------
+# the convolution
+
+
+def conv_inputs(batch, dim, length, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, length, generator=g), torch.randn(dim, width, generator=g), torch.randn(dim, generator=g)
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 8, 11, 16, 37])
+@pytest.mark.parametrize("width", [1, 4, 6])
+def test_conv_matches_the_portable_path(kernel, conv_calls, monkeypatch, length, width):
+    inputs = conv_inputs(2, 5, length, width, seed=length)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = causal_conv1d(*leaves, activation="silu")
+        out.square().sum().backward()
+        return [out] + [t.grad for t in leaves]
+
+    fused = run()
+    assert len(conv_calls) == 1
+    monkeypatch.setenv(CPU_KERNEL_ENV, "0")
+    portable = run()
+    assert len(conv_calls) == 1, "MUSE_PYRAMID_CPU_KERNEL=0 must keep the kernel off"
+    for a, b in zip(fused, portable):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_results_do_not_depend_on_the_thread_count(kernel):
+    inputs = conv_inputs(3, 16, 5000, 4, seed=3)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = causal_conv1d(*leaves, activation="silu")
+            out.square().sum().backward()
+            return [out] + [t.grad for t in leaves]
+        finally:
+            torch.set_num_threads(before)
+
+    for a, b in zip(run(1), run(3)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_conv_opcheck_schema_fake_and_autograd(kernel, use_bias):
+    x, weight, bias = (t.requires_grad_() for t in conv_inputs(2, 4, 13, 4))
+    torch.library.opcheck(kernel.conv_fwd.default, (x, weight, bias if use_bias else None, True))
+    torch.library.opcheck(kernel.conv_fwd.default, (x[:, 1:3], weight[1:3].contiguous(), None, False))
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 9), (2, 4, 0)])
+def test_conv_empty_batch_or_sequence(kernel, conv_calls, shape):
+    x, weight, bias = (t.requires_grad_() for t in conv_inputs(*shape, 4))
+    out = causal_conv1d(x, weight, bias, activation="silu")
+    assert out.shape == shape
+    out.sum().backward()
+    assert x.grad.shape == shape and weight.grad.abs().sum() == 0 and bias.grad.abs().sum() == 0
+    assert conv_calls
+
+
+def test_conv_not_used_for_other_dtypes(kernel, conv_calls):
+    x, weight, bias = conv_inputs(1, 4, 30, 4)
+    causal_conv1d(x.double(), weight.double(), bias.double())
+    causal_conv1d(x.bfloat16(), weight, bias)
+    assert not conv_calls

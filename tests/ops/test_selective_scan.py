@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import muse_pyramid.ops._chunked_scan as chunked_module
-from muse_pyramid.ops import _cpu_kernel, scan_backend, selective_scan, selective_scan_ref
+from muse_pyramid.ops import scan_backend, selective_scan, selective_scan_ref
 from muse_pyramid.ops._cpu_kernel import CPU_KERNEL_ENV
 from tests.reference import (
     assert_rel_close,
@@ -25,17 +25,7 @@ from tests.reference import (
 CPU_BACKENDS = ["torch"]
 
 
-@pytest.fixture(params=["cpu-kernel", "portable"], autouse=True)
-def cpu_path(request, monkeypatch):
-    """Every test twice: the torch backend with its fused CPU kernel (fp32, N = 16), and without it."""
-    if request.param == "portable":
-        monkeypatch.setenv(CPU_KERNEL_ENV, "0")
-    else:
-        monkeypatch.delenv(CPU_KERNEL_ENV, raising=False)
-        ops, reason = _cpu_kernel._build()
-        if ops is None:
-            pytest.skip(f"the fused CPU kernel is unavailable: {reason}")
-    return request.param
+pytestmark = pytest.mark.usefixtures("cpu_path")  # every test with the fused CPU kernel on and off
 
 
 # the module, not the function of the same name that muse_pyramid.ops exports

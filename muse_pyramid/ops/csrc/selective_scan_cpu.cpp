@@ -33,83 +33,26 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
+using namespace muse_pyramid_cpu;
 using OptTensor = std::optional<at::Tensor>;
 
 // ---------------------------------------------------------------------------------------------
-// elementwise math in forms the compiler vectorises
+// one channel's state
 
 // The state of one channel: N = 16 floats, held as K = 2 values of an 8-float GCC vector type (one
 // AVX2 register each, or two SSE ones). Wider vectors gain nothing here: the two halves are
 // independent, and 256-bit operations run at full rate on current x86 cores.
-constexpr int64_t N = 16, W = 8, K = N / W;
-typedef float vf __attribute__((vector_size(W * sizeof(float))));
-typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
-typedef float vh __attribute__((vector_size(W / 2 * sizeof(float))));
-// the same vector at any float address (an unaligned load or store, no aliasing assumption)
-typedef float vf_unaligned __attribute__((vector_size(W * sizeof(float)), aligned(alignof(float)), may_alias));
-
-inline vf load_vf(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
-inline void store_vf(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
-
-template <class T>
-inline T splat(float v) {
-  return T{} + v;
-}
-
-inline float bits_to_float(int32_t b) {
-  float f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-inline vf bits_to_float(vi b) {
-  vf f;
-  std::memcpy(&f, &b, sizeof(f));
-  return f;
-}
-inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
-inline vi to_int(vf x) { return __builtin_convertvector(x, vi); }
-
-// x clamped to [lo, hi] (one max and one min instruction where AVX has them)
-inline float clamp(float x, float lo, float hi) { return std::min(std::max(x, lo), hi); }
-inline vf clamp(vf x, float lo, float hi) {
-#if defined(__AVX__)
-  static_assert(sizeof(vf) == sizeof(__m256), "clamp is written for 8-float vectors");
-  return _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
-#else
-  const vf lo_v = splat<vf>(lo), hi_v = splat<vf>(hi);
-  x = x < lo_v ? lo_v : x;
-  return x > hi_v ? hi_v : x;
-#endif
-}
-
-// exp: Cody-Waite reduction by ln 2 and a degree-6 polynomial (the coefficients of Cephes' expf);
-// relative error about 2e-7 on [-87.3, 88]. T: float or vf.
-template <class T>
-inline T exp_f32(T x) {
-  x = clamp(x, -87.33654f, 88.0f);
-  const T k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  T r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  T p = splat<T>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * bits_to_float((to_int(k) + 127) << 23);
-}
+constexpr int64_t N = 16, K = N / W;
 
 // the N values at p as K vectors, and back
 struct State {
@@ -126,61 +69,6 @@ inline void store(float* p, const State& s) {
   for (int64_t k = 0; k < K; ++k) store_vf(p + k * W, s.v[k]);
 }
 
-inline float hsum(vf v) {
-  const vh s = vh{v[0], v[1], v[2], v[3]} + vh{v[4], v[5], v[6], v[7]};
-  return (s[0] + s[2]) + (s[1] + s[3]);
-}
-
-// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, series to s^13 (error < 1e-8)
-template <class T>
-inline T log1p_unit(T e) {
-  const T s = e / (2.0f + e), s2 = s * s;
-  T p = splat<T>(1.0f / 13.0f);
-  p = p * s2 + 1.0f / 11.0f;
-  p = p * s2 + 1.0f / 9.0f;
-  p = p * s2 + 1.0f / 7.0f;
-  p = p * s2 + 1.0f / 5.0f;
-  p = p * s2 + 1.0f / 3.0f;
-  p = p * s2 + 1.0f;
-  return 2.0f * s * p;
-}
-
-// softplus(x) = max(x, 0) + log(1 + exp(-|x|)); equals F.softplus (threshold 20) in fp32
-template <class T>
-inline T softplus(T x) {
-  const T zero = splat<T>(0.0f);
-  return (x > zero ? x : zero) + log1p_unit(exp_f32(x < zero ? x : -x));
-}
-
-template <class T>
-inline T sigmoid(T x) {
-  const T zero = splat<T>(0.0f), e = exp_f32(x < zero ? x : -x), r = 1.0f / (1.0f + e);
-  return x >= zero ? r : e * r;
-}
-
-// Elementwise loops over steps, W steps at a time: f(t, T{}) with T = vf for whole vectors, then
-// T = float for the tail. `at<T>(p, t)` reads W (or 1) values at p + t, `put` writes them.
-template <class F>
-inline void for_steps(int64_t n, F f) {
-  int64_t t = 0;
-  for (; t + W <= n; t += W) f(t, vf{});
-  for (; t < n; ++t) f(t, 0.0f);
-}
-
-template <class T>
-inline T at(const float* p, int64_t t) {
-  if constexpr (sizeof(T) == sizeof(vf)) {
-    return load_vf(p + t);
-  } else {
-    return p[t];
-  }
-}
-
-inline void put(float* p, int64_t t, vf v) { store_vf(p + t, v); }
-inline void put(float* p, int64_t t, float v) { p[t] = v; }
-
-inline float hsum(float v) { return v; }
-
 // The sums of W consecutive W-float rows at p, as one vector: out[i] = sum_k p[i * W + k]. With AVX,
 // a transpose-and-add tree (7 operations for 8 sums) instead of 8 horizontal sums.
 inline vf sum_rows(const float* p) {
@@ -196,7 +84,7 @@ inline vf sum_rows(const float* p) {
   return out;
 #else
   vf out;
-  for (int64_t i = 0; i < W; ++i) out[i] = hsum(at<vf>(p, i * W));
+  for (int64_t i = 0; i < W; ++i) out[i] = hsum(get<vf>(p, i * W));
   return out;
 #endif
 }
@@ -205,7 +93,7 @@ inline vf sum_rows(const float* p) {
 inline void sum_steps(const float* __restrict rows, float* __restrict out, int64_t n) {
   int64_t t = 0;
   for (; t + W <= n; t += W) put(out, t, sum_rows(rows + t * W));
-  for (; t < n; ++t) out[t] = hsum(at<vf>(rows, t * W));
+  for (; t < n; ++t) out[t] = hsum(get<vf>(rows, t * W));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -272,7 +160,7 @@ struct Extras {
 inline void final_delta(const float* __restrict delta, float bias, bool use_softplus, float* __restrict dt,
                         int64_t n) {
   for_steps(n, [&](int64_t t, auto v) {
-    const decltype(v) x = at<decltype(v)>(delta, t) + bias;
+    const decltype(v) x = get<decltype(v)>(delta, t) + bias;
     put(dt, t, use_softplus ? softplus(x) : x);
   });
 }
@@ -287,7 +175,7 @@ inline void final_delta_and_slope(const float* __restrict delta, float bias, boo
   }
   for_steps(n, [&](int64_t t, auto v) {
     using T = decltype(v);
-    const T zero = splat<T>(0.0f), x = at<T>(delta, t) + bias, e = exp_f32(x < zero ? x : -x);
+    const T zero = splat<T>(0.0f), x = get<T>(delta, t) + bias, e = exp_f32(x < zero ? x : -x);
     const T r = 1.0f / (1.0f + e);
     put(dt, t, (x > zero ? x : zero) + log1p_unit(e));
     put(slope, t, x >= zero ? r : e * r);
@@ -327,13 +215,13 @@ void forward_channel(const float* __restrict ur, const float* __restrict deltar,
   if (zr != nullptr) {
     for_steps(L, [&](int64_t t, auto v) {
       using T = decltype(v);
-      const T z = at<T>(zr, t);
-      put(outr, t, (at<T>(outr, t) + Dd * at<T>(ur, t)) * (z * sigmoid(z)));
+      const T z = get<T>(zr, t);
+      put(outr, t, (get<T>(outr, t) + Dd * get<T>(ur, t)) * (z * sigmoid(z)));
     });
   } else if (Dd != 0.0f) {
     for_steps(L, [&](int64_t t, auto v) {
       using T = decltype(v);
-      put(outr, t, at<T>(outr, t) + Dd * at<T>(ur, t));
+      put(outr, t, get<T>(outr, t) + Dd * get<T>(ur, t));
     });
   }
 }
@@ -365,9 +253,9 @@ void backward_channel_block(const ChannelBlock& c, int64_t n_steps, float* __res
   if (zr != nullptr) {
     for_steps(n_steps, [&](int64_t t, auto v) {
       using T = decltype(v);
-      const T z = at<T>(zr, t), sg = sigmoid(z);
+      const T z = get<T>(zr, t), sg = sigmoid(z);
       put(sgz, t, sg);
-      put(dy, t, at<T>(c.dout, t) * z * sg);
+      put(dy, t, get<T>(c.dout, t) * z * sg);
     });
   } else {
     std::copy(c.dout, c.dout + n_steps, dy);
@@ -425,18 +313,18 @@ void backward_channel_block(const ChannelBlock& c, int64_t n_steps, float* __res
   if (zr != nullptr) {
     for_steps(n_steps, [&](int64_t t, auto v) {
       using T = decltype(v);
-      const T z = at<T>(zr, t), sg = at<T>(sgz, t);
-      put(c.dz, t, at<T>(c.dout, t) * (at<T>(ys, t) + c.D * at<T>(ur, t)) * sg * (1.0f + z * (1.0f - sg)));
+      const T z = get<T>(zr, t), sg = get<T>(sgz, t);
+      put(c.dz, t, get<T>(c.dout, t) * (get<T>(ys, t) + c.D * get<T>(ur, t)) * sg * (1.0f + z * (1.0f - sg)));
     });
   }
   vf dD_v{}, dbias_v{};
   float dD = 0.0f, dbias = 0.0f;
   for_steps(n_steps, [&](int64_t t, auto v) {
     using T = decltype(v);
-    const T dyt = at<T>(dy, t), sb_t = at<T>(sb, t), ut = at<T>(ur, t);
-    const T ddt_t = sb_t * ut + at<T>(swa, t);
-    put(c.du, t, sb_t * at<T>(dt, t) + c.D * dyt);
-    const T grad = ddt_t * at<T>(slope, t);
+    const T dyt = get<T>(dy, t), sb_t = get<T>(sb, t), ut = get<T>(ur, t);
+    const T ddt_t = sb_t * ut + get<T>(swa, t);
+    put(c.du, t, sb_t * get<T>(dt, t) + c.D * dyt);
+    const T grad = ddt_t * get<T>(slope, t);
     put(c.ddelta, t, grad);
     if constexpr (sizeof(T) == sizeof(vf)) {
       dD_v += dyt * ut;
