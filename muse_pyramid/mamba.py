@@ -45,7 +45,7 @@ from .config import MUSEConfig
 from .ops import causal_conv1d, conv_backend, scan_backend, selective_scan
 from .ops._dispatch import INNER_KERNEL, probe_cuda_kernel
 
-__all__ = ["BiMamba", "reversal_index"]
+__all__ = ["BiMamba", "plain_linear", "project", "reversal_index"]
 
 
 def reversal_index(mask: Optional[torch.Tensor], batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -88,6 +88,38 @@ def reverse(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Reverse each sequence's real prefix of `x` along `dim` with `index` (`reversal_index` expanded to
     x's shape); applying it twice restores x. The gradient is the same gather (see `_Reverse`)."""
     return _Reverse.apply(x, index, dim)
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether `module` is a bare `nn.Linear` whose call may be replaced by a GEMM on its weight: not a
+    subclass or a wrapper, and no forward hooks, its own or global, that calling it would run."""
+    hooks = (
+        module._forward_hooks, module._forward_pre_hooks,
+        getattr(nn.modules.module, "_global_forward_hooks", None), getattr(nn.modules.module, "_global_forward_pre_hooks", None),
+    )
+    return type(module) is nn.Linear and not any(hooks)
+
+
+def project(linear: nn.Module, x: torch.Tensor, time_major: bool = False, bias: bool = True) -> torch.Tensor:
+    """`linear` applied to the channels of a channel-major `x` `(B, I, L)`.
+
+    Returns `(B, O, L)`, or `(B, L, O)` with `time_major`, contiguous either way. A plain `nn.Linear`
+    (`plain_linear`) runs as one batched GEMM that reads `x` in place (a transposed view or a channel slice included) and
+    writes the requested layout directly, so no transposed copy is made, forward or backward; with
+    `bias=False` its bias is left for the caller to add. Any other module (a LoRA wrapper, say) is
+    called on the time-major view and its output rearranged (`bias` must then be True).
+    """
+    if plain_linear(linear):
+        b = linear.bias if bias else None
+        if time_major:  # (B, L, I) @ (I, O)
+            y = torch.bmm(x.transpose(1, 2), linear.weight.t().expand(x.shape[0], -1, -1))
+            return y if b is None else y + b
+        y = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)  # (O, I) @ (I, L)
+        return y if b is None else y + b[:, None]
+    if not bias:
+        raise ValueError(f"project: bias=False needs a plain nn.Linear without hooks, got {type(linear).__name__}")
+    y = linear(rearrange(x, "b i l -> b l i"))
+    return y if time_major else rearrange(y, "b l o -> b o l").contiguous()
 
 
 def _a_log(suffix: str) -> str:
@@ -193,20 +225,24 @@ class BiMamba(nn.Module):
     def _direction(self, x: torch.Tensor, z: Optional[torch.Tensor], s: str) -> torch.Tensor:
         """One scan direction (`s` = "" forwards, "_b" for the backward one, fed time-reversed input).
 
-        x: `(B, D, L)` contiguous; z: `(B, D, L)` contiguous gate, or None for the ungated scan -> y `(B, D, L)`.
+        x: `(B, D, L)` with unit time stride (a channel slice is read in place); z: `(B, D, L)` gate, or None
+        for the ungated scan -> y `(B, D, L)`.
         Both directions are plain causal scans: the caller reverses each sequence for "_b".
         """
         conv: nn.Conv1d = getattr(self, f"conv1d{s}")
         x = causal_conv1d(
             x, rearrange(conv.weight, "d 1 w -> d w"), conv.bias, activation="silu", backend=self.conv_backend
         )
-        x_dbl = getattr(self, f"x_proj{s}")(rearrange(x, "b d l -> b l d"))  # (B, L, R + 2N)
-        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = rearrange(getattr(self, f"dt_proj{s}")(dt), "b l d -> b d l")  # bias included; softplus in the scan
-        b_ssm, c_ssm = (rearrange(t, "b l n -> b n l").contiguous() for t in (b_ssm, c_ssm))  # (B, N, L), dense
+        x_dbl = project(getattr(self, f"x_proj{s}"), x)  # (B, R + 2N, L)
+        dt, b_ssm, c_ssm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt_proj: nn.Module = getattr(self, f"dt_proj{s}")
+        if plain_linear(dt_proj):  # its bias becomes the scan's delta_bias, added inside the scan
+            delta, delta_bias = project(dt_proj, dt, bias=False), dt_proj.bias
+        else:
+            delta, delta_bias = project(dt_proj, dt), None
         return selective_scan(
-            x, delta.contiguous(), -torch.exp(getattr(self, _a_log(s)).float()), b_ssm, c_ssm,
-            getattr(self, f"D{s}").float(), z=z, delta_softplus=True, backend=self.scan_backend,
+            x, delta, -torch.exp(getattr(self, _a_log(s)).float()), b_ssm.contiguous(), c_ssm.contiguous(),
+            getattr(self, f"D{s}").float(), z=z, delta_bias=delta_bias, delta_softplus=True, backend=self.scan_backend,
         )
 
     def _fused_inner(self, x: torch.Tensor) -> Optional[Callable]:
@@ -220,7 +256,7 @@ class BiMamba(nn.Module):
         if x.device.type != "cuda":
             return None
         no_bias = [self.in_proj, self.out_proj, *self._modules_named("x_proj")]  # it takes no bias for these
-        if not all(type(m) is nn.Linear for m in no_bias + self._modules_named("dt_proj")) or any(
+        if not all(plain_linear(m) for m in no_bias + self._modules_named("dt_proj")) or any(
             m.bias is not None for m in no_bias
         ):
             return None
@@ -276,11 +312,10 @@ class BiMamba(nn.Module):
         inner = self._fused_inner(x)
         if inner is not None:
             return self._forward_fused(inner, x, back, positions)
-        xz = rearrange(self.in_proj(x), "b l d -> b d l")  # channel-major, as the conv and the scan read it
-        xs, zs = xz[:, : self.d_inner].contiguous(), xz[:, self.d_inner :]
+        # channel-major halves of one (B, 2D, L) tensor, as the conv and the scan read them (in place)
+        xs, zs = project(self.in_proj, rearrange(x, "b l c -> b c l")).split(self.d_inner, dim=1)
         if positions is not None:
             zs = zs.gather(2, repeat(positions, "b p -> b d p", d=self.d_inner))
-        zs = zs.contiguous()
         back_d = None if back is None else repeat(back, "b l -> b d l", d=self.d_inner)
         if positions is None:  # the gate is fused into each scan: (y_f + y_b) * silu(z) = sum of gated scans
             y = self._direction(xs, zs, "")
@@ -292,7 +327,7 @@ class BiMamba(nn.Module):
                 rows_b = repeat(back.gather(1, positions), "b p -> b d p", d=self.d_inner)
                 y = y + self._direction(reverse(xs, back_d, 2), None, "_b").gather(2, rows_b)
             y = y * F.silu(zs.to(y.dtype))
-        return self.out_proj(rearrange(y, "b d l -> b l d"))
+        return project(self.out_proj, y, time_major=True)
 
     def _forward_fused(
         self, inner: Callable, x: torch.Tensor, back: Optional[torch.Tensor], positions: Optional[torch.Tensor]
@@ -303,7 +338,7 @@ class BiMamba(nn.Module):
 
         x: `(B, L, C)` (padding zeroed); back: `(B, L)` reversal index or None; positions: `(B, P)` or None.
         """
-        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))  # (B, 2D, L), time contiguous
+        xz = project(self.in_proj, rearrange(x, "b l c -> b c l"))  # (B, 2D, L), time contiguous
         out = inner(xz, *self._inner_args(""), delta_softplus=True)  # (B, L, C)
         if self.bidirectional:
             rev = repeat(back, "b l -> b l c", c=x.shape[-1])
