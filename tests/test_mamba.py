@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from muse_pyramid import BiMamba
-from muse_pyramid.mamba import reversal_index, reverse
+from muse_pyramid.mamba import plain_linear, project, reversal_index, reverse
 from muse_pyramid.ops import causal_conv1d_ref, selective_scan_ref
 from tests.reference import scan_f64
 
@@ -122,6 +122,41 @@ def test_wrapped_or_hooked_projections_run_as_modules(name):
     base = hooked(u)
     getattr(hooked, name).register_forward_hook(lambda mod, inp, out: out * 2.0)
     assert (hooked(u) - base).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_is_the_linear_on_either_layout(bias):
+    """project: the Linear over the channels of a channel-major input (a channel slice included), written
+    channel-major or time-major, values and gradients; its bias left out on request."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(6, 5, bias=bias)
+    wide = torch.randn(2, 9, 7, generator=g, dtype=torch.float64)
+    lin = lin.double()
+    x = wide[:, 2:8].requires_grad_()  # (B, I, L), a channel slice: read in place
+    want = lin(x.transpose(1, 2))  # (B, L, O)
+    torch.testing.assert_close(project(lin, x, time_major=True), want)
+    out = project(lin, x)
+    assert out.shape == (2, 5, 7) and out.is_contiguous()
+    torch.testing.assert_close(out, want.transpose(1, 2))
+    if bias:
+        torch.testing.assert_close(project(lin, x, bias=False), (want - lin.bias).transpose(1, 2))
+    grads = torch.autograd.grad(out.square().sum(), [x, lin.weight])
+    want_grads = torch.autograd.grad(want.square().sum(), [x, lin.weight])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_project_calls_anything_but_a_plain_linear():
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4, 5)
+    assert plain_linear(lin)
+    handle = lin.register_forward_hook(lambda mod, inp, out: out * 2.0)
+    assert not plain_linear(lin)
+    torch.testing.assert_close(project(lin, x), 2.0 * lin.weight @ x + 2.0 * lin.bias[:, None])
+    with pytest.raises(ValueError, match="bias=False needs a plain nn.Linear"):
+        project(lin, x, bias=False)
+    handle.remove()
+    assert plain_linear(lin) and not plain_linear(_Lora(lin))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
