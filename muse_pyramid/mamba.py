@@ -26,7 +26,9 @@ a padded one: no delta masking, no reverse flags. The input tokens at padded pos
 first, so whatever they held (NaN included) never reaches a real output.
 
 On CUDA with mamba-ssm and causal-conv1d built, each direction runs through mamba-ssm's fused
-`mamba_inner_fn` (its backward recomputes the conv and delta); elsewhere through `muse_pyramid.ops`.
+`mamba_inner_fn` (its backward recomputes the conv and delta); elsewhere through `muse_pyramid.ops`,
+with the projections as batched GEMMs that read and write the channel-major `(B, D, L)` layout of the
+conv and the scan directly (`project`; bare `nn.Linear` projections, anything else is called).
 Tests: `tests/test_mamba.py`.
 """
 
@@ -90,24 +92,27 @@ def reverse(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return _Reverse.apply(x, index, dim)
 
 
+# the hook registries that calling a module runs (each also exists with a `_global` prefix, for all modules)
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether `module` is a bare `nn.Linear` whose call may be replaced by a GEMM on its weight: not a
-    subclass or a wrapper, and no forward hooks, its own or global, that calling it would run."""
-    hooks = (
-        module._forward_hooks, module._forward_pre_hooks,
-        getattr(nn.modules.module, "_global_forward_hooks", None), getattr(nn.modules.module, "_global_forward_pre_hooks", None),
-    )
-    return type(module) is nn.Linear and not any(hooks)
+    subclass or a wrapper, and no hooks, its own or global, that calling it would run."""
+    own = [getattr(module, name, None) for name in _HOOKS]
+    everyone = [getattr(nn.modules.module, f"_global{name}", None) for name in _HOOKS]
+    return type(module) is nn.Linear and not any(own + everyone)
 
 
 def project(linear: nn.Module, x: torch.Tensor, time_major: bool = False, bias: bool = True) -> torch.Tensor:
     """`linear` applied to the channels of a channel-major `x` `(B, I, L)`.
 
-    Returns `(B, O, L)`, or `(B, L, O)` with `time_major`, contiguous either way. A plain `nn.Linear`
-    (`plain_linear`) runs as one batched GEMM that reads `x` in place (a transposed view or a channel slice included) and
-    writes the requested layout directly, so no transposed copy is made, forward or backward; with
-    `bias=False` its bias is left for the caller to add. Any other module (a LoRA wrapper, say) is
-    called on the time-major view and its output rearranged (`bias` must then be True).
+    Returns `(B, O, L)`, or `(B, L, O)` with `time_major`, contiguous either way. A bare `nn.Linear`
+    (`plain_linear`) runs as one batched GEMM that reads `x` in place (a transposed view or a channel
+    slice included) and writes the requested layout directly, so no transposed copy is made, forward
+    or backward; with `bias=False` its bias is left for the caller to add. Any other module (a LoRA
+    wrapper or a hooked Linear, say) is called on the time-major view and its output rearranged
+    (`bias` must then be True).
     """
     if plain_linear(linear):
         b = linear.bias if bias else None
@@ -117,7 +122,9 @@ def project(linear: nn.Module, x: torch.Tensor, time_major: bool = False, bias: 
         y = torch.bmm(linear.weight.expand(x.shape[0], -1, -1), x)  # (O, I) @ (I, L)
         return y if b is None else y + b[:, None]
     if not bias:
-        raise ValueError(f"project: bias=False needs a plain nn.Linear without hooks, got {type(linear).__name__}")
+        raise ValueError(
+            f"project: bias=False needs a plain nn.Linear without hooks, got {type(linear).__name__}"
+        )
     y = linear(rearrange(x, "b i l -> b l i"))
     return y if time_major else rearrange(y, "b l o -> b o l").contiguous()
 

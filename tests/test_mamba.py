@@ -157,6 +157,11 @@ def test_project_calls_anything_but_a_plain_linear():
         project(lin, x, bias=False)
     handle.remove()
     assert plain_linear(lin) and not plain_linear(_Lora(lin))
+    for register in (lin.register_full_backward_hook, torch.nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: None)
+        assert not plain_linear(lin), register
+        handle.remove()
+    assert plain_linear(lin)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -8,8 +8,8 @@ followed by ``silu`` when ``activation`` is "silu"/"swish".
 
 Backends: "cuda" (``causal_conv1d``'s kernel, widths 2 to 4) and "torch" (``F.conv1d`` with left
 padding, any device). On fp32 CPU tensors the torch backend runs the optional fused CPU kernel
-(``_cpu_kernel.py``) instead when it can be built. In file order: input checks, the readable reference (an explicit sum over the
-taps), and the dispatching ``causal_conv1d``.
+(``_cpu_kernel.py``) instead when it can be built. In file order: input checks, the readable
+reference (an explicit sum over the taps), and the dispatching ``causal_conv1d``.
 Tests: ``tests/ops/test_causal_conv1d.py``.
 """
 
