@@ -33,32 +33,50 @@ def kernel(monkeypatch):
     return ops
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the calls of the fused path."""
+def spy_on(monkeypatch, module: str, name: str) -> list:
+    """Replace `module.name` (a kernel entry point) by a wrapper that records the shape of each call's
+    first argument; returns that record."""
     seen = []
-    real = _cpu_kernel.fused_selective_scan
+    real = getattr(_cpu_kernel, name)
 
     def spy(*args, **kwargs):
         seen.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(importlib.import_module("muse_pyramid.ops.selective_scan"), "fused_selective_scan", spy)
+    monkeypatch.setattr(importlib.import_module(module), name, spy)
     return seen
+
+
+def kernel_then_portable(run, calls: list, monkeypatch) -> tuple:
+    """`run()` with the kernel on (it must run once), then with it off (it must not run again)."""
+    fused = run()
+    assert len(calls) == 1
+    monkeypatch.setenv(CPU_KERNEL_ENV, "0")
+    portable = run()
+    assert len(calls) == 1, "MUSE_PYRAMID_CPU_KERNEL=0 must keep the kernel off"
+    return fused, portable
+
+
+def at_threads(threads: int, run):
+    """`run()` on `threads` intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of the fused scan."""
+    return spy_on(monkeypatch, "muse_pyramid.ops.selective_scan", "fused_selective_scan")
 
 
 @pytest.fixture
 def conv_calls(monkeypatch):
     """Counts the calls of the fused convolution."""
-    seen = []
-    real = _cpu_kernel.fused_causal_conv1d
-
-    def spy(*args, **kwargs):
-        seen.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(importlib.import_module("muse_pyramid.ops.causal_conv1d"), "fused_causal_conv1d", spy)
-    return seen
+    return spy_on(monkeypatch, "muse_pyramid.ops.causal_conv1d", "fused_causal_conv1d")
 
 
 @pytest.mark.parametrize("length", [1, 7, 8, 37, BLOCK, BLOCK + 3, 2 * BLOCK + 100])
@@ -81,12 +99,7 @@ def test_matches_the_portable_path(kernel, calls, monkeypatch):
         (out.square().sum() + last.sum()).backward()
         return [out, last] + [v.grad for v in leaves.values()]
 
-    fused = run()
-    assert len(calls) == 1
-    monkeypatch.setenv(CPU_KERNEL_ENV, "0")
-    portable = run()
-    assert len(calls) == 1, "MUSE_PYRAMID_CPU_KERNEL=0 must keep the kernel off"
-    for a, b in zip(fused, portable):
+    for a, b in zip(*kernel_then_portable(run, calls, monkeypatch)):
         scale = b.abs().max().item() or 1.0
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
 
@@ -94,18 +107,13 @@ def test_matches_the_portable_path(kernel, calls, monkeypatch):
 def test_results_do_not_depend_on_the_thread_count(kernel):
     inputs = make_inputs(2, 24, 700, N, seed=7)
 
-    def run(threads):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-            out = selective_scan(**leaves, delta_softplus=True)
-            out.square().sum().backward()
-            return [out] + [v.grad for v in leaves.values()]
-        finally:
-            torch.set_num_threads(before)
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        out = selective_scan(**leaves, delta_softplus=True)
+        out.square().sum().backward()
+        return [out] + [v.grad for v in leaves.values()]
 
-    for a, b in zip(run(1), run(3)):
+    for a, b in zip(at_threads(1, run), at_threads(3, run)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -195,30 +203,20 @@ def test_conv_matches_the_portable_path(kernel, conv_calls, monkeypatch, length,
         out.square().sum().backward()
         return [out] + [t.grad for t in leaves]
 
-    fused = run()
-    assert len(conv_calls) == 1
-    monkeypatch.setenv(CPU_KERNEL_ENV, "0")
-    portable = run()
-    assert len(conv_calls) == 1, "MUSE_PYRAMID_CPU_KERNEL=0 must keep the kernel off"
-    for a, b in zip(fused, portable):
+    for a, b in zip(*kernel_then_portable(run, conv_calls, monkeypatch)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_conv_results_do_not_depend_on_the_thread_count(kernel):
     inputs = conv_inputs(3, 16, 5000, 4, seed=3)
 
-    def run(threads):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            leaves = [t.clone().requires_grad_() for t in inputs]
-            out = causal_conv1d(*leaves, activation="silu")
-            out.square().sum().backward()
-            return [out] + [t.grad for t in leaves]
-        finally:
-            torch.set_num_threads(before)
+    def run():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = causal_conv1d(*leaves, activation="silu")
+        out.square().sum().backward()
+        return [out] + [t.grad for t in leaves]
 
-    for a, b in zip(run(1), run(3)):
+    for a, b in zip(at_threads(1, run), at_threads(3, run)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
