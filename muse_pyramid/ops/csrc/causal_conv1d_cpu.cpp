@@ -37,17 +37,6 @@ namespace {
 using namespace muse_pyramid_cpu;
 using OptTensor = std::optional<at::Tensor>;
 
-// silu(x), and g times d silu / dx
-template <class T>
-inline T silu_of(T x) {
-  return x * sigmoid(x);
-}
-template <class T>
-inline T silu_grad(T x, T g) {
-  const T s = sigmoid(x);
-  return g * s * (1.0f + x * (1.0f - s));
-}
-
 // sum_t a[t] b[t] over n steps, or sum_t a[t] when b is nullptr
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   vf acc{};
@@ -66,11 +55,11 @@ struct Conv {
   int64_t sb, sd;
   const float *w, *bias;  // (dim, width), (dim,) or nullptr
   int64_t batch, dim, L, width;
-  bool silu;
+  bool activate;  // apply SiLU
   const float* row(int64_t r) const { return x + (r / dim) * sb + (r % dim) * sd; }
 };
 
-Conv conv_of(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, bool silu) {
+Conv conv_of(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, bool activate) {
   TORCH_CHECK(x.dim() == 3 && weight.dim() == 2, "causal_conv1d_cpu: x must be (batch, dim, L), weight (dim, width)");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "causal_conv1d_cpu: `x` must be fp32 on the CPU");
   TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, "causal_conv1d_cpu: `x` must have unit stride in time");
@@ -84,7 +73,7 @@ Conv conv_of(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bia
                 "causal_conv1d_cpu: `bias` must be a contiguous fp32 CPU (dim,) tensor");
   }
   return Conv{x.data_ptr<float>(), x.stride(0), x.stride(1), weight.data_ptr<float>(),
-              has_bias ? bias->data_ptr<float>() : nullptr, x.size(0), x.size(1), x.size(2), weight.size(1), silu};
+              has_bias ? bias->data_ptr<float>() : nullptr, x.size(0), x.size(1), x.size(2), weight.size(1), activate};
 }
 
 // pre[t] for t in [0, L) of row r into pre
@@ -107,16 +96,16 @@ void preactivation(const Conv& c, int64_t r, float* __restrict pre) {
   });
 }
 
-at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, bool silu) {
-  const Conv c = conv_of(x, weight, bias, silu);
+at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias, bool activate) {
+  const Conv c = conv_of(x, weight, bias, activate);
   at::Tensor out = at::empty({c.batch, c.dim, c.L}, x.options().memory_format(at::MemoryFormat::Contiguous));
   float* out_p = out.data_ptr<float>();
   at::parallel_for(0, c.batch * c.dim, grain(c.L), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       float* __restrict o = out_p + r * c.L;
       preactivation(c, r, o);
-      if (c.silu) {
-        for_steps(c.L, [&](int64_t t, auto v) { put(o, t, silu_of(get<decltype(v)>(o, t))); });
+      if (c.activate) {
+        for_steps(c.L, [&](int64_t t, auto v) { put(o, t, silu(get<decltype(v)>(o, t))); });
       }
     }
   });
@@ -124,8 +113,8 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, const at::Tensor& weight,
-                                                        const OptTensor& bias, bool silu, const at::Tensor& dout) {
-  const Conv c = conv_of(x, weight, bias, silu);
+                                                        const OptTensor& bias, bool activate, const at::Tensor& dout) {
+  const Conv c = conv_of(x, weight, bias, activate);
   TORCH_CHECK(dout.sizes() == x.sizes() && dout.is_contiguous() && dout.scalar_type() == at::kFloat,
               "causal_conv1d_cpu: `dout` must be a contiguous fp32 tensor shaped like `x`");
   const at::TensorOptions opts = x.options().memory_format(at::MemoryFormat::Contiguous);
@@ -142,10 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bwd(const at::Tensor& x, con
       const float* __restrict w = c.w + (r % c.dim) * c.width;
       const float* __restrict dy = dout_p + r * L;
       preactivation(c, r, g);
-      if (c.silu) {
+      if (c.activate) {
         for_steps(L, [&](int64_t t, auto v) {
           using T = decltype(v);
-          put(g, t, silu_grad(get<T>(g, t), get<T>(dy, t)));
+          const T pre = get<T>(g, t);
+          put(g, t, silu_grad(pre, sigmoid(pre), get<T>(dy, t)));
         });
       } else {
         std::copy(dy, dy + L, g);

@@ -216,7 +216,7 @@ void forward_channel(const float* __restrict ur, const float* __restrict deltar,
     for_steps(L, [&](int64_t t, auto v) {
       using T = decltype(v);
       const T z = get<T>(zr, t);
-      put(outr, t, (get<T>(outr, t) + Dd * get<T>(ur, t)) * (z * sigmoid(z)));
+      put(outr, t, (get<T>(outr, t) + Dd * get<T>(ur, t)) * silu(z));
     });
   } else if (Dd != 0.0f) {
     for_steps(L, [&](int64_t t, auto v) {
@@ -314,7 +314,7 @@ void backward_channel_block(const ChannelBlock& c, int64_t n_steps, float* __res
     for_steps(n_steps, [&](int64_t t, auto v) {
       using T = decltype(v);
       const T z = get<T>(zr, t), sg = get<T>(sgz, t);
-      put(c.dz, t, get<T>(c.dout, t) * (get<T>(ys, t) + c.D * get<T>(ur, t)) * sg * (1.0f + z * (1.0f - sg)));
+      put(c.dz, t, silu_grad(z, sg, get<T>(c.dout, t) * (get<T>(ys, t) + c.D * get<T>(ur, t))));
     });
   }
   vf dD_v{}, dbias_v{};

@@ -1,6 +1,6 @@
 // Elementwise float math for the optional CPU kernels (selective_scan_cpu.cpp, causal_conv1d_cpu.cpp),
 // in forms the compiler vectorises: an 8-float GCC vector type `vf` (one AVX2 register, or two SSE
-// ones), exp / log1p / softplus / sigmoid written for both `float` and `vf`, and `for_steps`, a loop
+// ones), exp / log1p / softplus / sigmoid / silu written for both `float` and `vf`, and `for_steps`, a loop
 // over a row that runs W steps at a time and then the tail one by one.
 #pragma once
 
@@ -103,6 +103,18 @@ template <class T>
 inline T sigmoid(T x) {
   const T zero = splat<T>(0.0f), e = exp_f32(x < zero ? x : -x), r = 1.0f / (1.0f + e);
   return x >= zero ? r : e * r;
+}
+
+// silu(x) = x sigmoid(x)
+template <class T>
+inline T silu(T x) {
+  return x * sigmoid(x);
+}
+
+// g * d silu / dx at x, given s = sigmoid(x)
+template <class T>
+inline T silu_grad(T x, T s, T g) {
+  return g * s * (1.0f + x * (1.0f - s));
 }
 
 // Elementwise loops over steps, W steps at a time: f(t, T{}) with T = vf for whole vectors, then
